@@ -1,0 +1,15 @@
+"""vlmrt: run vision-language models fast, on interchangeable runtimes, and prove it.
+
+Library API (the CLI is a thin layer over it):
+    load_model(name_or_path, device, dtype, seed) -> LoadedModel
+    Pipeline.load(model, runtime, device, dtype)  -> callable: (images, prompts) -> Result
+    GenerationConfig                              sampling and stopping
+"""
+
+from vlmrt.config import GenerationConfig, RunOptions
+from vlmrt.errors import VlmrtError
+from vlmrt.models import load_model
+from vlmrt.pipeline import Pipeline, Result
+
+__version__ = "0.1.0"
+__all__ = ["GenerationConfig", "RunOptions", "VlmrtError", "load_model", "Pipeline", "Result", "__version__"]

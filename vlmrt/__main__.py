@@ -1,0 +1,5 @@
+import sys
+
+from vlmrt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""The `vlmrt` command: a thin layer over the library. Each subcommand is a row in COMMANDS:
+(help, function adding its arguments, function running it)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on a model hub: every file is local
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse
+import json
+import sys
+
+from vlmrt.errors import VlmrtError
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a folder with a release or an export")
+    p.add_argument("--runtime", default="eager", help="eager (default)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of sampling (default 0)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    _common_model_args(p)
+    p.add_argument("--image", required=True, action="append", help="image file; repeat for a batch")
+    p.add_argument("--prompt", required=True, action="append", help="the question; one for all images or one per image")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
+
+
+def cmd_run(args) -> int:
+    """Answer a question about an image, streaming the answer to stdout and timings to stderr."""
+    from vlmrt.pipeline import Pipeline
+
+    prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
+    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
+    _synthetic_note(pipe.loaded)
+    cfg = pipe.generation_config(
+        max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+    )
+    stream = not args.json and len(args.image) == 1
+    on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
+    result = pipe(args.image, prompts, cfg, on_text=on_text)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(_result_json(pipe, args, result), indent=2))
+        return 0
+    if stream:
+        print()
+    else:
+        for i, text in enumerate(result.texts):
+            print(f"[{i}] {text}")
+    print(format_timings(result.timings, len(args.image)), file=sys.stderr)
+    return 0
+
+
+def _result_json(pipe, args, result) -> dict:
+    return {
+        "model": pipe.loaded.name,
+        "family": pipe.loaded.family,
+        "synthetic_weights": pipe.loaded.synthetic,
+        "runtime": args.runtime,
+        "device": args.device,
+        "dtype": args.dtype,
+        "prompt_tokens": result.prompt_tokens,
+        "answers": [
+            {"image": img, "text": t, "token_ids": ids, "finish_reason": r}
+            for img, t, ids, r in zip(args.image, result.texts, result.token_ids, result.finish_reasons)
+        ],
+        "timings": result.timings,
+        "notes": result.notes,
+    }
+
+
+def format_timings(t: dict, batch: int) -> str:
+    rows = [
+        ("preprocess", f"{t['preprocess_ms']:.1f} ms"),
+        ("vision", f"{t['vision_ms']:.1f} ms"),
+        ("prefill", f"{t['prefill_ms']:.1f} ms"),
+        ("first token", f"{t['ttft_ms']:.1f} ms (vision + prefill)"),
+        ("decode", f"{t['ms_per_token']:.2f} ms/token x {t['decode_steps']} steps, batch {batch}"),
+        ("throughput", f"{t['tokens_per_s']:.1f} tokens/s"),
+    ]
+    return "\n".join(["stage        time", "-----------  " + "-" * 30] + [f"{a:<11}  {b}" for a, b in rows])
+
+
+def _synthetic_note(loaded) -> None:
+    if loaded.synthetic:
+        print(f"note: {loaded.name} runs on synthetic weights (seeded); its text is meaningless, its timings are real",
+              file=sys.stderr)
+
+
+def add_models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def cmd_models(args) -> int:
+    """List model families and presets."""
+    from vlmrt.models import FAMILIES, all_presets, family_class
+
+    rows = []
+    for name, (family, cfg) in all_presets().items():
+        with __import__("torch").device("meta"):
+            n = sum(p.numel() for p in family_class(family)(cfg).parameters())
+        d = cfg.decoder
+        rows.append({"preset": name, "family": family, "params_b": round(n / 1e9, 3),
+                     "llm": f"{d.num_layers}x{d.hidden_size}", "context": d.max_position_embeddings})
+    if args.json:
+        print(json.dumps({"families": list(FAMILIES), "presets": rows}, indent=2))
+        return 0
+    print(f"{'preset':<22}{'family':<10}{'params':>10}  {'llm layers x width':<20}{'context':>8}")
+    for r in rows:
+        print(f"{r['preset']:<22}{r['family']:<10}{r['params_b']:>9.3f}B  {r['llm']:<20}{r['context']:>8}")
+    return 0
+
+
+COMMANDS = {
+    "run": ("answer a question about an image", add_run_args, cmd_run),
+    "models": ("list model families and presets", add_models_args, cmd_models),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmrt",
+        description="Run vision-language models fast, on interchangeable runtimes, and prove it.",
+        epilog="Presets run on synthetic weights from a seed (no download): their text is meaningless, timings are real.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_args, func) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=func.__doc__)
+        add_args(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VlmrtError as e:
+        print(f"vlmrt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmrt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The model registry: a table from family name to its class, and `load_model`.
+
+A family class (models/<family>.py) provides: `presets` (name -> config), a constructor taking a
+config, `synthetic_tokenizer(config)`, `processor_spec`, `from_release(folder, device, dtype)` and
+`is_release_folder(folder)`. Adding a family is one file, one line here and one test entry
+(tests/families.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmrt.config import DTYPES, resolve_device
+from vlmrt.errors import VlmrtError
+from vlmrt.processor import ProcessorSpec
+
+FAMILIES = {  # family -> "module:Class", alphabetical
+    "minigpt4": "vlmrt.models.minigpt4:MiniGPT4ForConditionalGeneration",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for a runtime: the stage implementation plus what processing needs."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ProcessorSpec
+    name: str  # preset name or folder path
+    family: str
+    synthetic: bool  # True: weights drawn from a seed, the text is meaningless
+    config: object
+    device: torch.device
+    dtype: torch.dtype
+
+
+def family_class(family: str):
+    if family not in FAMILIES:
+        raise VlmrtError(f"unknown model family {family!r}; supported: {', '.join(FAMILIES)}")
+    module, cls = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def all_presets() -> dict[str, tuple[str, object]]:
+    """preset name -> (family, config), over every registered family."""
+    return {name: (fam, cfg) for fam in FAMILIES for name, cfg in family_class(fam).presets.items()}
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> LoadedModel:
+    """Build a preset with synthetic weights, or load a release folder from local files.
+
+    Args:
+        name_or_path: a preset name (`vlmrt models` lists them) or a folder holding a release.
+        device: "cpu" or "cuda".
+        dtype: "fp32", "fp16" or "bf16".
+        seed: seed of the synthetic weights (presets only).
+    """
+    from vlmrt.weights import build_on, init_synthetic
+
+    dev = resolve_device(device)
+    if dtype not in DTYPES:
+        raise VlmrtError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    tdtype = DTYPES[dtype]
+    presets = all_presets()
+    if name_or_path in presets:
+        family, cfg = presets[name_or_path]
+        cls = family_class(family)
+        model = build_on(dev, tdtype, lambda: cls(cfg))
+        init_synthetic(model, seed)
+        return LoadedModel(model.eval(), cls.synthetic_tokenizer(cfg), model.processor_spec, name_or_path,
+                           family, True, cfg, dev, tdtype)
+    path = Path(name_or_path)
+    if not path.exists():
+        raise VlmrtError(f"unknown model {name_or_path!r}: not a preset and no such folder; presets: {', '.join(presets)}")
+    for family in FAMILIES:
+        cls = family_class(family)
+        if cls.is_release_folder(path):
+            model, tokenizer, cfg = cls.from_release(path, dev, tdtype)
+            return LoadedModel(model, tokenizer, model.processor_spec, str(path), family, False, cfg, dev, tdtype)
+    raise VlmrtError(f"{path} is not a model folder vlmrt recognizes (families: {', '.join(FAMILIES)}); see README 'Real checkpoints'")

@@ -1,0 +1,194 @@
+"""Blocks shared by more than one family: the Llama-style decoder (RMSNorm, rotary, grouped-query
+attention over an explicit KV cache, SwiGLU), the attention mask, and image-feature splicing.
+
+Module and parameter names follow Hugging Face's `LlamaForCausalLM` (`model.layers.{i}.self_attn.
+q_proj`, ...), so a Llama/Vicuna checkpoint loads with a strict key match. Math follows the LLaMA
+paper and transformers' Llama implementation (fp32 RMSNorm statistics, rotate-half rotary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048  # the context length: prompt + image tokens + answer
+    qkv_bias: bool = False  # Qwen-style biases on q/k/v projections
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "DecoderConfig":
+        """Read a Hugging Face Llama-style `config.json` dict (the only place it is read)."""
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            intermediate_size=hf["intermediate_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            qkv_bias=bool(hf.get("attention_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """position_ids [B,T] -> cos, sin [B,T,hd], computed in fp32 then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # [B,T,hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B,T,hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B,H,T,hd], cos/sin [B,T,hd]."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+def causal_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """Boolean mask [B,1,T,S]: query t sees key slot s when s is a valid token at or before it.
+
+    attention_mask [B,S] marks valid key slots (0 for left padding and unwritten slots);
+    cache_position [T] is the slot of each query. A query always sees its own slot, so left-padding
+    rows attend to themselves instead of to nothing (a fully masked row would give NaN).
+    """
+    slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [S]
+    q = cache_position[:, None]  # [T,1]
+    allowed = (slots[None, :] <= q)[None] & attention_mask[:, None, :].bool()  # [B,T,S]
+    allowed = allowed | (slots[None, :] == q)[None]
+    return allowed[:, None]  # [B,1,T,S]
+
+
+def splice_image_features(
+    inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """Write image_features [B,N,D] at the image-placeholder positions of each row, in order.
+
+    Row b's k-th placeholder receives image_features[b, k]. Written with gather/where (no boolean
+    indexing) so the graph has static shapes and exports cleanly.
+    """
+    is_image = input_ids == image_token_id  # [B,T]
+    index = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(min=0, max=image_features.shape[1] - 1)  # [B,T]
+    gathered = torch.gather(
+        image_features.to(inputs_embeds.dtype), 1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1])
+    )  # [B,T,D]
+    return torch.where(is_image[..., None], gathered, inputs_embeds)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int):
+        super().__init__()
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=False)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.layer_idx = layer_idx
+
+    def forward(self, x, cos, sin, mask, cache_position, cache):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B,H,T,hd]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B,H_kv,T,hd]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = cache.update(self.layer_idx, k, v, cache_position)  # [B,H_kv,S,hd]
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:  # grouped-query attention: repeat each kv head for its query heads
+            s = keys.shape[2]
+            keys = keys[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
+            values = values[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B,H,T,hd]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache_position, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder stage: inputs_embeds in, logits out, keys/values into an explicit cache."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache) -> torch.Tensor:
+        """inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,S], cache_position [T] -> logits [B,T,V]."""
+        cfg = self.config
+        cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
+        mask = causal_mask(attention_mask, cache_position)
+        h = inputs_embeds
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, mask, cache_position, cache)
+        return self.lm_head(self.model.norm(h))

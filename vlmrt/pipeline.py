@@ -1,0 +1,84 @@
+"""Pipeline: processor + runtime + generation loop. Images and questions in, answers out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from vlmrt.config import GenerationConfig
+from vlmrt.errors import VlmrtError
+from vlmrt.generate import StreamCallback, generate
+from vlmrt.processor import Processor
+
+
+@dataclass
+class Result:
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    timings: dict  # preprocess_ms, vision_ms, prefill_ms, ttft_ms, decode_ms, ms_per_token, tokens_per_s
+    prompt_tokens: int  # per row, padded, image tokens included
+    notes: list[str] = field(default_factory=list)
+
+
+class Pipeline:
+    """Runs a loaded model on a runtime.
+
+    Example:
+        >>> pipe = Pipeline.load("minigpt4-tiny")
+        >>> pipe(["photo.jpg"], ["Describe this image."]).texts[0]
+    """
+
+    def __init__(self, loaded, runtime: str = "eager", runtime_options: dict | None = None):
+        from vlmrt.runtimes import runtime_class
+
+        self.loaded = loaded
+        self.processor = Processor(loaded.spec, loaded.tokenizer)
+        self.runtime = runtime_class(runtime)(loaded, **(runtime_options or {}))
+
+    @classmethod
+    def load(cls, model: str, runtime: str = "eager", device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> "Pipeline":
+        """Load `model` (a preset or a release folder) and put it on `runtime`."""
+        from vlmrt.models import load_model
+
+        return cls(load_model(model, device=device, dtype=dtype, seed=seed), runtime)
+
+    def generation_config(self, **overrides) -> GenerationConfig:
+        """The model's own stop strings and stop tokens, plus the given overrides."""
+        spec = self.loaded.spec
+        base = GenerationConfig(
+            stop_strings=spec.stop_strings, stop_token_ids=spec.stop_token_ids, pad_token_id=self.processor.pad_token_id
+        )
+        return replace(base, **overrides)
+
+    def __call__(self, images: list, prompts: list[str], config: GenerationConfig | None = None,
+                 on_text: StreamCallback | None = None) -> Result:
+        """Answer one question per image; rows of a batch finish independently.
+
+        Args:
+            images: paths or PIL images.
+            prompts: one question per image.
+            config: sampling and stopping (default: `generation_config()`, greedy, 64 tokens).
+            on_text: streaming callback, called as on_text(row, new_text).
+        """
+        config = config or self.generation_config()
+        t0 = time.perf_counter()
+        batch = self.processor(images, prompts)
+        preprocess_ms = (time.perf_counter() - t0) * 1e3
+        t = batch["input_ids"].shape[1]
+        ctx = self.loaded.model.max_context
+        notes = []
+        if t >= ctx:
+            raise VlmrtError(
+                f"the prompt is {t} tokens ({self.loaded.spec.num_image_tokens} of them image tokens) and the "
+                f"model's context is {ctx}; shorten the prompt"
+            )
+        if t + config.max_new_tokens > ctx:
+            notes.append(f"max_new_tokens cut from {config.max_new_tokens} to {ctx - t} to fit the context of {ctx}")
+            config = replace(config, max_new_tokens=ctx - t)
+        out = generate(self.runtime, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], config,
+                       self.loaded.tokenizer, on_text)
+        timings = {"preprocess_ms": preprocess_ms, **out.timings}
+        total_new = sum(len(ids) for ids in out.token_ids)
+        timings["tokens_per_s"] = total_new / ((timings["ttft_ms"] + timings["decode_ms"]) / 1e3)
+        return Result(out.texts, out.token_ids, out.finish_reasons, timings, t, notes)

@@ -1,0 +1,150 @@
+"""Image and prompt preprocessing, driven by a family's `ProcessorSpec`.
+
+A spec is plain data (it is written into export manifests), so an exported model is processed
+exactly like the model it came from, with no model code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmrt.errors import VlmrtError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """Everything needed to turn (image, question) into model inputs, and output ids into an answer.
+
+    `template` holds `{prompt}` for the user's question and `image_placeholder` where the image
+    goes; the placeholder expands to `num_image_tokens` copies of `image_token_id`. Text segments
+    between placeholders are tokenized separately, the first with BOS when `add_bos` (MiniGPT-4's
+    rule), so ids match the release token for token.
+    """
+
+    image_size: int
+    template: str
+    image_placeholder: str
+    image_token_id: int
+    num_image_tokens: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: str = "bicubic"
+    add_bos: bool = True
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[tuple[int, ...], ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProcessorSpec":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        d["stop_strings"] = tuple(d.get("stop_strings", ()))
+        d["stop_token_ids"] = tuple(tuple(s) for s in d.get("stop_token_ids", ()))
+        return cls(**d)
+
+
+def load_image(source):
+    """Open an image file (or take a PIL image) and return it as 8-bit RGB.
+
+    RGBA/LA are composited on white; grayscale, palette, CMYK and 16/32-bit images are converted.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        img = source
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise VlmrtError(f"image not found: {path} (check the path)")
+        if path.is_dir():
+            raise VlmrtError(f"{path} is a folder, not an image file")
+        try:
+            img = Image.open(path)
+            img.load()
+        except UnidentifiedImageError:
+            raise VlmrtError(f"{path} is not an image PIL can read (expected JPEG, PNG, WebP, BMP, TIFF ...)") from None
+        except OSError as e:
+            raise VlmrtError(f"cannot read image {path}: {e}") from None
+    return to_rgb(img)
+
+
+def to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth: rescale to 8 bits
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def image_to_pixels(img, spec: ProcessorSpec) -> torch.Tensor:
+    """RGB PIL image -> pixel_values [3,S,S], resized to exactly S x S (no crop), normalized."""
+    from PIL import Image
+
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[spec.resample]
+    img = img.resize((spec.image_size, spec.image_size), resample)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # [3,S,S]
+    mean = torch.tensor(spec.mean)[:, None, None]
+    std = torch.tensor(spec.std)[:, None, None]
+    return (x - mean) / std
+
+
+class Processor:
+    """Turns images and questions into a left-padded batch, per a `ProcessorSpec`."""
+
+    def __init__(self, spec: ProcessorSpec, tokenizer):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def render(self, prompt: str) -> str:
+        if not prompt or not prompt.strip():
+            raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+        return self.spec.template.replace("{prompt}", prompt)
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Token ids of one rendered prompt, with image placeholders expanded."""
+        spec = self.spec
+        segments = self.render(prompt).split(spec.image_placeholder)
+        ids: list[int] = []
+        for i, seg in enumerate(segments):
+            if i > 0:
+                ids += [spec.image_token_id] * spec.num_image_tokens
+            if i == 0 and spec.add_bos and self.tokenizer.bos_token_id is not None:
+                ids.append(self.tokenizer.bos_token_id)
+            if seg:
+                ids += self.tokenizer(seg, add_special_tokens=False).input_ids
+        return ids
+
+    def __call__(self, images: list, prompts: list[str]) -> dict:
+        """Returns input_ids [B,T] (left-padded), attention_mask [B,T], pixel_values [B,3,S,S]."""
+        if len(images) != len(prompts):
+            raise VlmrtError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        rows = [self.prompt_ids(p) for p in prompts]
+        t = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), t), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), t), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, t - len(r):] = torch.tensor(r)
+            attention_mask[i, t - len(r):] = 1
+        pixels = torch.stack([image_to_pixels(load_image(im), self.spec) for im in images])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}

@@ -1,0 +1,23 @@
+"""Runtimes execute the three stages; the generation loop (vlmrt/generate.py) drives them.
+
+A runtime offers `encode_images`, `embed`, `start(batch, max_seq)`, `decode(...)` and
+`synchronize()` (see `generate.StageRunner`). Runtimes are looked up in a table and imported lazily,
+so the library imports without optional packages (onnxruntime) or a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vlmrt.errors import VlmrtError
+
+RUNTIMES = {  # name -> "module:Class", alphabetical
+    "eager": "vlmrt.runtimes.eager:EagerRuntime",
+}
+
+
+def runtime_class(name: str):
+    if name not in RUNTIMES:
+        raise VlmrtError(f"unknown runtime {name!r}; available: {', '.join(RUNTIMES)}")
+    module, cls = RUNTIMES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

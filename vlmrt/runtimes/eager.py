@@ -1,0 +1,49 @@
+"""The eager runtime: the stages as plain PyTorch calls, with a static KV cache. The reference every
+other runtime is compared with."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmrt.errors import VlmrtError
+from vlmrt.kv_cache import StaticKVCache
+
+
+class EagerRuntime:
+    name = "eager"
+
+    def __init__(self, loaded):
+        """Args: loaded: a `vlmrt.models.LoadedModel`."""
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.cache: StaticKVCache | None = None
+
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixel_values.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        return self.model.embed(input_ids.to(self.device), image_features)
+
+    def start(self, batch_size: int, max_seq_len: int) -> None:
+        """Make a cache for this batch; reuse the last one when it is big enough."""
+        if max_seq_len > self.model.max_context:
+            raise VlmrtError(f"{max_seq_len} tokens do not fit the model's context of {self.model.max_context}")
+        c = self.cache
+        if c is None or c.max_batch < batch_size or c.max_seq < max_seq_len:
+            m = self.model
+            self.cache = StaticKVCache(m.num_layers, batch_size, m.num_kv_heads, max_seq_len, m.head_dim, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position) -> torch.Tensor:
+        s = self.cache.max_seq
+        mask = attention_mask.to(self.device)
+        if mask.shape[1] < s:  # the loop's mask covers only the slots this request uses
+            mask = torch.nn.functional.pad(mask, (0, s - mask.shape[1]))
+        return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device), self.cache)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,121 @@
+"""Weights: synthetic ones from a seed (so nothing is downloaded), and strict reading of released
+checkpoint files (.pth, .bin, safetensors, sharded Hugging Face folders).
+
+Synthetic weights are drawn per parameter from a generator seeded with (seed, parameter name), so
+a model is the same on every run and does not depend on construction order. Values: normal(0, 0.02)
+for matrices and embeddings, 1 + normal(0, 0.02) for norm scales, normal(0, 0.02) for biases. The
+text a model with synthetic weights writes is meaningless; its timings and runtime parity are real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmrt.errors import VlmrtError
+
+_NORMS = (nn.LayerNorm,)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")
+
+
+@torch.no_grad()
+def init_synthetic(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Fill every parameter of `model` in place, deterministically from `seed`."""
+    for mod_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{name}" if mod_name else name
+            g = torch.Generator(device=p.device).manual_seed((seed * 1_000_003 + zlib.crc32(full.encode())) % 2**63)
+            p.normal_(0.0, std, generator=g)
+            if is_norm(module) and name == "weight":
+                p.add_(1.0)
+
+
+def build_on(device: torch.device, dtype: torch.dtype, factory):
+    """Construct `factory()` without allocating on the CPU first, then move it to (device, dtype)."""
+    with torch.device("meta"):
+        model = factory()
+    return model.to_empty(device=device).to(dtype)
+
+
+def read_pth(path: str | os.PathLike) -> dict:
+    """torch.load with weights_only=True, with clear errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmrtError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        try:  # mmap needs the zip format; legacy files load without it
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise VlmrtError(f"cannot read checkpoint {path} ({e.__class__.__name__}: {e}); the file is corrupt or not a PyTorch checkpoint; download it again") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise VlmrtError(f"cannot read {path} ({e.__class__.__name__}: {e}); the file is corrupt or truncated; download it again") from None
+
+
+def read_hf_weights(folder: str | os.PathLike) -> dict:
+    """All tensors of a Hugging Face model folder: model.safetensors, sharded safetensors with an
+    index, pytorch_model.bin, or sharded .bin with an index."""
+    folder = Path(folder)
+    for index_name, reader in (("model.safetensors.index.json", read_safetensors), ("pytorch_model.bin.index.json", read_pth)):
+        index = folder / index_name
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise VlmrtError(f"{index} is corrupt ({e}); download it again") from None
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise VlmrtError(f"{folder} is missing weight shards listed in {index_name}: {', '.join(missing)}")
+            state = {}
+            for s in shards:
+                state.update(reader(folder / s))
+            return state
+    if (folder / "model.safetensors").exists():
+        return read_safetensors(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").exists():
+        return read_pth(folder / "pytorch_model.bin")
+    raise VlmrtError(f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a sharded index")
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise VlmrtError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise VlmrtError(f"{path} is not valid JSON ({e}); restore the file") from None
+
+
+@torch.no_grad()
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `state` into `model`, strictly: every parameter must be given exactly once, with the
+    right shape, and no key may be left over. Errors name the keys (and `what` they came from)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing:
+        raise VlmrtError(f"{what}: missing {len(missing)} weight(s), e.g. {', '.join(missing[:5])}; the checkpoint is incomplete or of another model")
+    if unexpected:
+        raise VlmrtError(f"{what}: unexpected weight(s) {', '.join(unexpected[:5])}; the checkpoint is of another model or variant")
+    for name, p in params.items():
+        t = state[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise VlmrtError(f"{what}: weight {name} has shape {list(t.shape)}, expected {list(p.shape)}; the checkpoint is of another model size")
+        p.copy_(t.to(p.dtype))

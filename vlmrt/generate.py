@@ -30,10 +30,10 @@ StreamCallback = Callable[[int, str], None]  # (row, new text)
 class StageRunner(Protocol):
     """What the loop needs from a runtime (see vlmrt/runtimes/)."""
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor: ...
+    def encode_images(self, pixel_values, **vision_inputs): ...  # -> image_features, or a dict of named outputs
+    def embed(self, input_ids: torch.Tensor, image_features): ...  # -> inputs_embeds, or a dict (see split_embedded)
     def start(self, batch_size: int, max_seq_len: int) -> None: ...
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position) -> torch.Tensor: ...
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor: ...
     def synchronize(self) -> None: ...
 
 
@@ -125,27 +125,40 @@ class RowText:
         return piece
 
 
-def prefill(runtime: StageRunner, inputs_embeds, attention_mask_full, prompt_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompt through the decoder. Returns last-token logits [B,V] and last positions [B]."""
-    t = prompt_mask.shape[1]
-    position_ids = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B,T]
-    cache_position = torch.arange(t, device=inputs_embeds.device)
-    logits = runtime.decode(inputs_embeds, position_ids, attention_mask_full, cache_position)
-    return logits[:, -1], position_ids[:, -1]
+def split_embedded(embedded) -> tuple[torch.Tensor, dict]:
+    """The embedding stage returns inputs_embeds, or a dict with inputs_embeds plus named extras
+    (e.g. SliMM's `deepstack_embeds`) that the decoder takes at prefill."""
+    if isinstance(embedded, dict):
+        extras = dict(embedded)
+        return extras.pop("inputs_embeds"), extras
+    return embedded, {}
+
+
+def prefill(runtime: StageRunner, embedded, attention_mask_full, position_ids) -> torch.Tensor:
+    """Run the prompt through the decoder; return the last token's logits [B,V]."""
+    inputs_embeds, extras = split_embedded(embedded)
+    cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+    logits = runtime.decode(inputs_embeds, position_ids, attention_mask_full, cache_position, **extras)
+    return logits[:, -1]
 
 
 def decode_one_token(runtime: StageRunner, tokens, position, attention_mask_full, slot: int) -> torch.Tensor:
-    """Feed tokens [B] at cache slot `slot` (rotary position `position` [B]); return logits [B,V]."""
-    embeds = runtime.embed(tokens[:, None], None)  # [B,1,D]
+    """Feed tokens [B] at cache slot `slot` with positions `position` [...,B]; return logits [B,V]."""
+    embeds, _ = split_embedded(runtime.embed(tokens[:, None], None))  # [B,1,D]
     cache_position = torch.tensor([slot], device=tokens.device)
-    return runtime.decode(embeds, position[:, None], attention_mask_full, cache_position)[:, -1]
+    return runtime.decode(embeds, position[..., None], attention_mask_full, cache_position)[:, -1]
+
+
+def prompt_positions(batch: dict) -> torch.Tensor:
+    """Prefill position ids: the processor's own (e.g. M-RoPE [3,B,T]) or a count of real tokens."""
+    if batch.get("position_ids") is not None:
+        return batch["position_ids"]
+    return (batch["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)  # [B,T]
 
 
 def generate(
     runtime: StageRunner,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor | None,
+    batch: dict,
     cfg: GenerationConfig,
     tokenizer,
     on_text: StreamCallback | None = None,
@@ -154,13 +167,15 @@ def generate(
 
     Args:
         runtime: executes the stages (eager, compiled, onnx ...).
-        input_ids: [B,T] prompt ids with image placeholders, left-padded.
-        attention_mask: [B,T], 1 for real tokens.
-        pixel_values: [B,3,H,W] or None for text-only prompts.
+        batch: `input_ids` [B,T] with image placeholders, left-padded; `attention_mask` [B,T];
+            `pixel_values` (None for text only); optional `position_ids` [...,B,T]; any other
+            entries are passed to the vision stage by name.
         cfg: sampling and stopping.
         tokenizer: decodes ids (stop strings and streaming need text).
         on_text: called as on_text(row, text) with each newly final piece of a row's answer.
     """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    vision_inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values", "position_ids")}
     b, t = input_ids.shape
     device = input_ids.device
     rows = [RowText(tokenizer, cfg) for _ in range(b)]
@@ -169,12 +184,16 @@ def generate(
     mask = torch.zeros(b, t + cfg.max_new_tokens, dtype=torch.long, device=device)
     mask[:, :t] = attention_mask
     history = torch.zeros(b, 0, dtype=torch.long, device=device)
+    positions = prompt_positions(batch)
+    position = positions.amax(dim=tuple(range(positions.dim() - 2))) if positions.dim() > 2 else positions
+    position = position[:, -1].expand(positions.shape[:-1])  # [...,B]: last prompt position per row
 
     start = time.perf_counter()
-    features = runtime.encode_images(pixel_values) if pixel_values is not None else None
+    pixels = batch.get("pixel_values")
+    features = runtime.encode_images(pixels, **vision_inputs) if pixels is not None else None
     runtime.synchronize()
     t_vision = time.perf_counter()
-    logits, position = prefill(runtime, runtime.embed(input_ids, features), mask, attention_mask)
+    logits = prefill(runtime, runtime.embed(input_ids, features), mask, positions)
     token = sample_next_token(logits, history, cfg, generator)
     runtime.synchronize()
     t_first = time.perf_counter()

@@ -76,8 +76,7 @@ class Pipeline:
         if t + config.max_new_tokens > ctx:
             notes.append(f"max_new_tokens cut from {config.max_new_tokens} to {ctx - t} to fit the context of {ctx}")
             config = replace(config, max_new_tokens=ctx - t)
-        out = generate(self.runtime, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], config,
-                       self.loaded.tokenizer, on_text)
+        out = generate(self.runtime, batch, config, self.loaded.tokenizer, on_text)
         timings = {"preprocess_ms": preprocess_ms, **out.timings}
         total_new = sum(len(ids) for ids in out.token_ids)
         timings["tokens_per_s"] = total_new / ((timings["ttft_ms"] + timings["decode_ms"]) / 1e3)

@@ -28,6 +28,8 @@ class DecoderConfig:
     max_position_embeddings: int = 2048  # the context length: prompt + image tokens + answer
     qkv_bias: bool = False  # Qwen-style biases on q/k/v projections
     tie_word_embeddings: bool = False
+    residual_multiplier: float = 1.0  # MiniCPM: scale_depth / sqrt(num_layers) on each sub-layer output
+    logits_divisor: float = 1.0  # MiniCPM: hidden_size / dim_model_base, divides the final hidden state
 
     @property
     def head_dim(self) -> int:
@@ -158,10 +160,12 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
+        self.residual_multiplier = cfg.residual_multiplier
 
     def forward(self, x, cos, sin, mask, cache_position, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        r = self.residual_multiplier
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_position, cache) * r
+        return x + self.mlp(self.post_attention_layernorm(x)) * r
 
 
 class LlamaModel(nn.Module):
@@ -185,10 +189,14 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache) -> torch.Tensor:
         """inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,S], cache_position [T] -> logits [B,T,V]."""
-        cfg = self.config
-        cos, sin = rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, inputs_embeds.dtype)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, cache_position)
         h = inputs_embeds
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, cache_position, cache)
-        return self.lm_head(self.model.norm(h))
+        return self.lm_head(self.model.norm(h) / self.config.logits_divisor)
+
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """cos, sin [B,T,hd] for the positions; families with other schemes (M-RoPE) override this."""
+        cfg = self.config
+        return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)

@@ -20,8 +20,8 @@ class EagerRuntime:
         self.cache: StaticKVCache | None = None
 
     @torch.inference_mode()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixel_values.to(self.device, self.dtype))
+    def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
+        return self.model.encode_images(pixel_values.to(self.device, self.dtype), **vision_inputs)
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
@@ -37,12 +37,12 @@ class EagerRuntime:
             self.cache = StaticKVCache(m.num_layers, batch_size, m.num_kv_heads, max_seq_len, m.head_dim, self.dtype, self.device)
 
     @torch.inference_mode()
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position) -> torch.Tensor:
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
         s = self.cache.max_seq
         mask = attention_mask.to(self.device)
         if mask.shape[1] < s:  # the loop's mask covers only the slots this request uses
             mask = torch.nn.functional.pad(mask, (0, s - mask.shape[1]))
-        return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device), self.cache)
+        return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device), self.cache, **extras)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

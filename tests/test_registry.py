@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from families import FAMILY_TESTS
+from vlmrt.models import FAMILIES, all_presets, family_class, load_model
+from vlmrt.errors import VlmrtError
+
+
+def test_every_family_has_a_test_entry():
+    assert set(FAMILIES) == set(FAMILY_TESTS)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_preset_builds_and_runs_each_stage(family):
+    from conftest import load_tiny
+    from vlmrt.kv_cache import StaticKVCache
+
+    loaded = load_tiny(FAMILY_TESTS[family]["tiny"])
+    m, spec = loaded.model, loaded.spec
+    pixels = torch.zeros(1, 3, spec.image_size, spec.image_size)
+    feats = m.encode_images(pixels)
+    assert feats.shape[:2] == (1, spec.num_image_tokens) and torch.isfinite(feats).all()
+    ids = torch.tensor([[1] + [spec.image_token_id] * spec.num_image_tokens + [5, 6]])
+    embeds = m.embed(ids, feats)
+    cache = StaticKVCache(m.num_layers, 1, m.num_kv_heads, 64, m.head_dim, torch.float32, "cpu")
+    t = ids.shape[1]
+    mask = torch.zeros(1, 64, dtype=torch.long)
+    mask[:, :t] = 1
+    logits = m.decode(embeds, torch.arange(t)[None], mask, torch.arange(t), cache)
+    assert logits.shape == (1, t, len(loaded.tokenizer)) or logits.shape[:2] == (1, t)
+    assert torch.isfinite(logits).all()
+
+
+def test_every_preset_is_constructible_on_meta():
+    for name, (family, cfg) in all_presets().items():
+        with torch.device("meta"):
+            model = family_class(family)(cfg)
+        assert sum(p.numel() for p in model.parameters()) > 0, name
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(VlmrtError, match="minigpt4-tiny"):
+        load_model("no-such-model")
+
+
+def test_unknown_family_lists_the_supported_ones():
+    with pytest.raises(VlmrtError, match="supported: minigpt4"):
+        family_class("llava")

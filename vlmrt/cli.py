@@ -39,17 +39,23 @@ def cmd_run(args) -> int:
     """Answer a question about an image, streaming the answer to stdout and timings to stderr."""
     from vlmrt.pipeline import Pipeline
 
+    from vlmrt.processor import load_image
+
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
+    if len(prompts) != len(args.image):
+        raise VlmrtError(f"{len(args.image)} images but {len(prompts)} prompts; give one prompt, or one per image")
+    if not all(p.strip() for p in prompts):
+        raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+    images = [load_image(p) for p in args.image]  # fail on a bad image before loading a model
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
-    _synthetic_note(pipe.loaded)
     cfg = pipe.generation_config(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
     )
     stream = not args.json and len(args.image) == 1
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
-    result = pipe(args.image, prompts, cfg, on_text=on_text)
-    for note in result.notes:
+    result = pipe(images, prompts, cfg, on_text=on_text)
+    for note in result.notes + _synthetic_note(pipe.loaded):
         print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(_result_json(pipe, args, result), indent=2))
@@ -93,10 +99,10 @@ def format_timings(t: dict, batch: int) -> str:
     return "\n".join(["stage        time", "-----------  " + "-" * 30] + [f"{a:<11}  {b}" for a, b in rows])
 
 
-def _synthetic_note(loaded) -> None:
-    if loaded.synthetic:
-        print(f"note: {loaded.name} runs on synthetic weights (seeded); its text is meaningless, its timings are real",
-              file=sys.stderr)
+def _synthetic_note(loaded) -> list[str]:
+    if not loaded.synthetic:
+        return []
+    return [f"{loaded.name} runs on synthetic weights (seeded, no download): its text is meaningless, its timings are real"]
 
 
 def add_models_args(p: argparse.ArgumentParser) -> None:

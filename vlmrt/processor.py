@@ -110,7 +110,10 @@ class Processor:
     def __init__(self, spec: ProcessorSpec, tokenizer):
         self.spec = spec
         self.tokenizer = tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # left padding must not look like an image placeholder (Llama's pad is often <unk>, the
+        # placeholder MiniGPT-4 uses), or the embedding stage would count it as an image slot
+        candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, spec.image_token_id + 1)
+        self.pad_token_id = next(i for i in candidates if i is not None and i != spec.image_token_id)
 
     def render(self, prompt: str) -> str:
         if not prompt or not prompt.strip():

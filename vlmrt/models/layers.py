@@ -105,13 +105,16 @@ def splice_image_features(
     """Write image_features [B,N,D] at the image-placeholder positions of each row, in order.
 
     Row b's k-th placeholder receives image_features[b, k]. Written with gather/where (no boolean
-    indexing) so the graph has static shapes and exports cleanly.
+    indexing) so the graph has static shapes and exports cleanly. N may be 0 (an exported embedding
+    graph is called that way for text only): then, as for placeholders beyond the N-th, the token
+    embedding is kept.
     """
-    is_image = input_ids == image_token_id  # [B,T]
-    index = (torch.cumsum(is_image.long(), dim=1) - 1).clamp(min=0, max=image_features.shape[1] - 1)  # [B,T]
-    gathered = torch.gather(
-        image_features.to(inputs_embeds.dtype), 1, index[..., None].expand(-1, -1, inputs_embeds.shape[-1])
-    )  # [B,T,D]
+    b, _, d = inputs_embeds.shape
+    count = torch.cumsum((input_ids == image_token_id).long(), dim=1)  # [B,T]: placeholders so far
+    is_image = (input_ids == image_token_id) & (count <= image_features.shape[1])  # [B,T]
+    index = torch.where(is_image, count - 1, torch.zeros_like(count))  # [B,T] in [0, N)
+    feats = torch.cat([image_features.to(inputs_embeds.dtype), inputs_embeds.new_zeros(b, 1, d)], dim=1)  # [B,N+1,D]: never empty
+    gathered = torch.gather(feats, 1, index[..., None].expand(-1, -1, d))  # [B,T,D]
     return torch.where(is_image[..., None], gathered, inputs_embeds)
 
 

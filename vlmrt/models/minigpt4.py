@@ -106,6 +106,7 @@ PRESETS = {
         "vicuna0",
     ),
 }
+PRESETS["minigpt4-llama2-tiny"] = replace(PRESETS["minigpt4-tiny"], qformer=None, template="llama2")
 
 
 # ----------------------------------------------------------------------------- EVA-ViT-g
@@ -303,7 +304,8 @@ class MiniGPT4ForConditionalGeneration(nn.Module):
 
     @staticmethod
     def is_release_folder(folder: Path) -> bool:
-        return folder.is_dir() and (folder / "eva_vit_g.pth").exists()
+        """A folder with eva_vit_g.pth or a *minigpt*.pth checkpoint is taken as a MiniGPT-4 release."""
+        return folder.is_dir() and ((folder / "eva_vit_g.pth").exists() or any(folder.glob("*minigpt*.pth")))
 
     def __init__(self, cfg: MiniGPT4Config):
         super().__init__()
@@ -437,10 +439,9 @@ def _merge_lora(state: dict, proj: dict) -> None:
         state[base] = state[base].float() + (b.float() @ a.float()) * (16.0 / a.shape[0])
 
 
-def _vision_state(files: dict, cfg: MiniGPT4Config) -> dict:
+def _vision_state(eva: dict, files: dict, cfg: MiniGPT4Config) -> dict:
     from vlmrt.weights import read_pth
 
-    eva = _model_dict(read_pth(files["eva"]), files["eva"])
     state = _take(eva, "", _EVA_UNUSED, "visual_encoder.", max_block=cfg.vision.depth)
     if "visual_encoder.pos_embed" in state:
         state["visual_encoder.pos_embed"] = resize_pos_embed(state["visual_encoder.pos_embed"], cfg.vision.num_patches)
@@ -456,6 +457,19 @@ def _vision_state(files: dict, cfg: MiniGPT4Config) -> dict:
     return state
 
 
+def _match_preset(eva: dict, proj: dict, decoder: DecoderConfig, folder) -> MiniGPT4Config:
+    """The preset whose shapes the files have. Facts the files do not store (head counts, eps,
+    image size) come from it; the decoder's come from the LLM's config.json."""
+    if "pos_embed" not in eva or "llama_proj.weight" not in proj:
+        raise VlmrtError(f"{folder}: eva_vit_g.pth has no pos_embed or the MiniGPT-4 checkpoint has no llama_proj.weight; these are not MiniGPT-4 release files")
+    width, proj_in = eva["pos_embed"].shape[-1], proj["llama_proj.weight"].shape[1]
+    is_v2 = any("lora_A" in k for k in proj)
+    for cfg in PRESETS.values():
+        if (cfg.vision.width, cfg.proj_in, cfg.template == "minigptv2") == (width, proj_in, is_v2):
+            return replace(cfg, decoder=decoder)
+    raise VlmrtError(f"{folder}: no MiniGPT-4 variant has a {width}-wide ViT and a {proj_in}-input llama_proj; check the files")
+
+
 def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
     """Load a MiniGPT-4 release from one folder: eva_vit_g.pth, blip2_pretrained_flant5xxl.pth (Vicuna
     variants), one *minigpt*.pth checkpoint (llama_proj, LoRA for v2), and the LLM as a Hugging Face
@@ -468,22 +482,16 @@ def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
 
     files = _release_files(Path(folder))
     proj = _model_dict(read_pth(files["proj"]), files["proj"])
-    if "llama_proj.weight" not in proj:
-        raise VlmrtError(f"{files['proj']}: no llama_proj.weight; this is not a MiniGPT-4 checkpoint")
-    has_qformer = proj["llama_proj.weight"].shape[1] != 4 * EvaViTConfig().width
-    is_v2 = any("lora_A" in k for k in proj)
+    eva = _model_dict(read_pth(files["eva"]), files["eva"])
     decoder = DecoderConfig.from_hf(read_json(files["llm"] / "config.json"))
-    cfg = MiniGPT4Config(
-        EvaViTConfig(image_size=448 if is_v2 else 224), QFormerConfig() if has_qformer else None, decoder,
-        "vicuna0" if has_qformer else ("minigptv2" if is_v2 else "llama2"),
-    )
-    state = _vision_state(files, cfg)
+    cfg = _match_preset(eva, proj, decoder, folder)
+    state = _vision_state(eva, files, cfg)
     state.update({k: v for k, v in proj.items() if k.startswith("llama_proj.")})
     llm = read_hf_weights(files["llm"])
     state.update({"llama_model." + k: v for k, v in llm.items() if not any(k.endswith(u) for u in _LLM_UNUSED)})
     if decoder.tie_word_embeddings:
         state.pop("llama_model.lm_head.weight", None)
-    if is_v2:
+    if cfg.template == "minigptv2":
         _merge_lora(state, proj)
     model = build_on(device, dtype, lambda: MiniGPT4ForConditionalGeneration(cfg))
     assign_weights(model, state, f"MiniGPT-4 release in {folder}")

@@ -1,0 +1,316 @@
+"""The compiled runtime: the same three stages as `eager`, run with a cache allocated once,
+`torch.compile` (Inductor) and, on CUDA, one CUDA graph per shape bucket. The GPU fast path.
+
+Based on gpt-fast's recipe (static KV cache, a compiled decode-one-token step, fixed shapes) and on
+PyTorch's CUDA-graph notes (`torch.cuda.graph`: static input buffers, warm-up on a side stream
+before capture, one memory pool shared by graphs that never run at the same time).
+
+```
+ storage: StaticKVCache [B_max, H_kv, S_max, hd] per layer, allocated once in __init__
+    └► window(Bb, S) = storage[:Bb, :, :S] views (no copy): one per (batch bucket, seq bucket)
+
+ encode_images  pixels [b,3,H,W] ─pad rows─► [Bb,3,H,W] ─► compiled vision (+ CUDA graph) ─► [:b]
+ embed          eager (a table lookup and a splice; nothing to gain from compiling)
+ decode, T > 1  prefill: embeds [b,T,D] ─pad rows to Bb, pad T on the right to Tb─►
+                compiled decoder over window(Bb, S) ─► logits [Bb,Tb,V] ─► [:b, :T]
+ decode, T = 1  copy into static buffers (embeds [Bb,1,D], positions [...,Bb,1], mask [Bb,S],
+                cache_position [1]) ─► replay the (Bb, S) CUDA graph (CPU: call the compiled step)
+                ─► logits [Bb,1,V] ─► [:b]
+```
+
+Why the padding is harmless:
+- Rows b..Bb-1 are zeros with an all-zero attention mask; a query always sees its own slot, so they
+  stay finite, and rows never mix (attention and every matmul are per row). Their output is dropped.
+- Right padding of the prompt writes keys for slots T..Tb-1. Real queries never see them (causal),
+  and decode overwrites slot T+i before the mask marks it valid.
+- Slots between the request's length and the window S are masked (attention_mask is 0 there).
+
+Why manual CUDA graph capture rather than `mode="reduce-overhead"`: the cache is ours and explicit,
+so static buffers and graph keys are too; capture needs no rules about mutated inputs or outputs
+overwritten by the next replay (we copy logits out), and behaves the same on every torch version.
+Inductor compiles the step (fusions); the graph removes launch and Python overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from vlmrt.errors import VlmrtError
+from vlmrt.kv_cache import StaticKVCache
+
+
+@dataclass(frozen=True)
+class CompiledOptions:
+    """Knobs of the compiled runtime (`Pipeline(..., runtime_options={...})`)."""
+
+    max_batch: int = 8  # cache rows, allocated once; a larger batch is an error
+    max_seq: int | None = None  # cache slots, allocated once (None: the model's context)
+    batch_buckets: tuple[int, ...] | None = None  # graph batch sizes (None: 1, 2, 4, ... and max_batch)
+    seq_multiple: int = 128  # the attention window is the request's length rounded up to this
+    prefill_multiple: int = 32  # prompts are right-padded to a multiple of this (one graph per bucket)
+    compile_vision: bool = True  # False: the vision stage runs eagerly (saves its compile time)
+    cuda_graphs: bool | None = None  # None: on when the model is on CUDA
+    backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug)
+    mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pick_bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= n (buckets sorted ascending; n <= buckets[-1] is checked by the caller)."""
+    return next(b for b in buckets if b >= n)
+
+
+class _Window:
+    """The first `batch` rows and `seq` slots of a StaticKVCache's storage, as views (no copy).
+
+    Attends over `seq` slots instead of S_max, so decode reads only the part of the cache a request
+    can use; the write rule is StaticKVCache's own.
+    """
+
+    update = StaticKVCache.update
+
+    def __init__(self, storage: StaticKVCache, batch: int, seq: int):
+        self.keys = [k[:batch, :, :seq] for k in storage.keys]  # each [Bb,H_kv,S,hd], strided view
+        self.values = [v[:batch, :, :seq] for v in storage.values]
+        self.max_batch, self.max_seq = batch, seq
+
+
+def _prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache, extras):
+    """[Bb,Tb,D] -> logits [Bb,Tb,V]. A code object of its own, so its recompiles (one per prompt
+    bucket) do not count against the decode step's."""
+    return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, **extras)
+
+
+def _decode_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache):
+    """[Bb,1,D] -> logits [Bb,1,V]."""
+    return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache)
+
+
+def _vision_step(model, pixel_values):
+    """[Bb,3,H,W] -> image_features [Bb,N,D]."""
+    return model.encode_images(pixel_values)
+
+
+class _Graph:
+    """One captured CUDA graph with its static inputs and output."""
+
+    def __init__(self, fn, inputs: tuple, pool):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile, autotune and settle the allocator outside capture
+            for _ in range(2):
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.output = fn(*inputs)
+        self.inputs = inputs
+
+    def replay(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
+
+
+class CompiledRuntime:
+    """Static cache + torch.compile + CUDA graphs; the interface of `EagerRuntime`."""
+
+    name = "compiled"
+
+    def __init__(self, loaded, **options):
+        """Args:
+            loaded: a `vlmrt.models.LoadedModel` (its device and dtype are the runtime's).
+            **options: fields of `CompiledOptions`.
+        """
+        self.options = _make_options(options)
+        self.loaded, self.model = loaded, loaded.model
+        self.device, self.dtype = loaded.device, loaded.dtype
+        o, m = self.options, self.model
+        self.max_batch = o.max_batch
+        self.max_seq = min(o.max_seq or m.max_context, m.max_context)
+        self.batch_buckets = _batch_buckets(o)
+        self.use_graphs = self.device.type == "cuda" if o.cuda_graphs is None else o.cuda_graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise VlmrtError("cuda_graphs=True needs the model on a CUDA device; load it with --device cuda")
+        _raise_recompile_limit(len(self.batch_buckets) * 16)
+        compile_kw = {"backend": o.backend, "dynamic": False, **({"mode": o.mode} if o.mode else {})}
+        self._prefill = torch.compile(_prefill_step, **compile_kw)
+        self._decode = torch.compile(_decode_step, **compile_kw)
+        self._vision = torch.compile(_vision_step, **compile_kw) if o.compile_vision else _vision_step
+        self.storage = StaticKVCache(m.num_layers, self.max_batch, m.num_kv_heads, self.max_seq, m.head_dim,
+                                     self.dtype, self.device)  # the only cache allocation
+        self._windows: dict = {}  # (Bb, S) -> _Window
+        self._static: dict = {}  # (Bb, S, position rank) -> static decode inputs
+        self._graphs: dict = {}  # ("decode", Bb, S, rank) or ("vision", Bb, shape) -> _Graph
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._batch = self._seq = 0
+        self.compile_s = 0.0  # wall time spent in first calls of new shapes (compile + capture)
+
+    # ------------------------------------------------------------------ the StageRunner interface
+    @torch.inference_mode()
+    def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
+        """pixel_values [b,3,H,W] -> image_features [b,N,D]; rows padded to a batch bucket."""
+        pixels = pixel_values.to(self.device, self.dtype)
+        if vision_inputs:  # family-specific extra inputs (e.g. grids): shapes vary, run eagerly
+            return self.model.encode_images(pixels, **vision_inputs)
+        b = pixels.shape[0]
+        self._check_batch(b)
+        bb = pick_bucket(b, self.batch_buckets)
+        key = ("vision", bb, tuple(pixels.shape[1:]))
+        if not self.use_graphs:
+            return self._first_call(key, lambda: self._vision(self.model, _pad_rows(pixels, bb, dim=0)))[:b]
+        if key not in self._graphs:
+            static = torch.zeros((bb, *pixels.shape[1:]), dtype=self.dtype, device=self.device)  # [Bb,3,H,W]
+            self._timed(lambda: self._graphs.setdefault(key, _Graph(self._vision, (self.model, static), self._pool)))
+        graph = self._graphs[key]
+        graph.inputs[1][:b].copy_(pixels)
+        return graph.replay()[:b].clone()
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None):
+        """input_ids [b,T] (+ image_features [b,N,D]) -> inputs_embeds [b,T,D], eagerly."""
+        return self.model.embed(input_ids.to(self.device), image_features)
+
+    def start(self, batch_size: int, max_seq_len: int) -> None:
+        """Pick the attention window for a request; the cache itself was allocated in __init__."""
+        self._check_batch(batch_size)
+        if max_seq_len > self.max_seq:
+            raise VlmrtError(
+                f"the request needs {max_seq_len} cache slots (prompt + max_new_tokens) and the compiled "
+                f"runtime's cache holds {self.max_seq}; ask for fewer new tokens or build the runtime with "
+                f"runtime_options={{'max_seq': {max_seq_len}}} (at most the model's context, {self.model.max_context})")
+        self._batch = batch_size
+        self._seq = min(round_up(max_seq_len, self.options.seq_multiple), self.max_seq)
+
+    @torch.inference_mode()
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
+        """Prefill (T > 1, or any extras) or one decode step (T = 1); logits [b,T,V]."""
+        if inputs_embeds.shape[1] > 1 or extras:
+            return self._prefill_call(inputs_embeds, position_ids, attention_mask, cache_position, extras)
+        return self._decode_call(inputs_embeds, position_ids, attention_mask, cache_position)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ prefill and decode
+    def _prefill_call(self, embeds, positions, mask, cache_position, extras):
+        b, t = embeds.shape[:2]  # embeds [b,T,D], positions [...,b,T], mask [b,L]
+        bb, s = pick_bucket(b, self.batch_buckets), self._seq
+        self._check_started(b)
+        tb = t if extras else min(round_up(t, self.options.prefill_multiple), s)  # extras: shapes unknown, exact T
+        embeds = F.pad(embeds.to(self.device, self.dtype), (0, 0, 0, tb - t, 0, bb - b))  # [Bb,Tb,D]
+        positions = F.pad(positions.to(self.device), (0, tb - t, 0, bb - b))  # [...,Bb,Tb]
+        mask = F.pad(mask.to(self.device)[:, :s], (0, s - min(mask.shape[1], s), 0, bb - b))  # [Bb,S]
+        slots = torch.arange(tb, device=self.device)  # cache_position [Tb]; the loop's is arange(T)
+        window = self._window(bb, s)
+        key = ("prefill", bb, tb, s, positions.dim())
+        logits = self._first_call(key, lambda: self._prefill(self.model, embeds, positions, mask, slots, window, extras))
+        return logits[:b, :t]
+
+    def _decode_call(self, embeds, positions, mask, cache_position):
+        b = embeds.shape[0]  # embeds [b,1,D], positions [...,b,1], mask [b,L], cache_position [1]
+        bb, s = pick_bucket(b, self.batch_buckets), self._seq
+        self._check_started(b)
+        st = self._static_inputs(bb, s, embeds, positions)
+        st["embeds"][:b].copy_(embeds)
+        st["positions"][..., :b, :].copy_(positions)
+        width = min(mask.shape[1], s)
+        st["mask"][:b, :width].copy_(mask[:, :width])
+        if width < s:  # slots past this request's length: a previous, longer request may have set them
+            st["mask"][:b, width:].zero_()
+        st["slot"].copy_(cache_position)
+        inputs = (self.model, st["embeds"], st["positions"], st["mask"], st["slot"], self._window(bb, s))
+        key = ("decode", bb, s, positions.dim())
+        if not self.use_graphs:
+            return self._first_call(key, lambda: self._decode(*inputs))[:b]
+        if key not in self._graphs:
+            self._timed(lambda: self._graphs.setdefault(key, _Graph(self._decode, inputs, self._pool)))
+        return self._graphs[key].replay()[:b].clone()  # the next replay overwrites the output buffer
+
+    def _static_inputs(self, bb: int, s: int, embeds: torch.Tensor, positions: torch.Tensor) -> dict:
+        """Static decode inputs per (Bb, S, position rank), allocated once (graphs read these addresses)."""
+        key = (bb, s, positions.dim())
+        if key not in self._static:
+            dev = self.device
+            self._static[key] = {
+                "embeds": torch.zeros(bb, 1, embeds.shape[-1], dtype=self.dtype, device=dev),  # [Bb,1,D]
+                "positions": torch.zeros(*positions.shape[:-2], bb, 1, dtype=torch.long, device=dev),  # [...,Bb,1]
+                "mask": torch.zeros(bb, s, dtype=torch.long, device=dev),  # [Bb,S]
+                "slot": torch.zeros(1, dtype=torch.long, device=dev),  # cache_position [1]
+            }
+        return self._static[key]
+
+    def _window(self, bb: int, s: int) -> _Window:
+        if (bb, s) not in self._windows:
+            self._windows[(bb, s)] = _Window(self.storage, bb, s)
+        return self._windows[(bb, s)]
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _first_call(self, key, fn):
+        """Run fn; the first time a shape key is seen, count its wall time as compile time."""
+        if key in self._graphs:
+            return fn()
+        self._graphs[key] = None  # seen (no graph object on this path)
+        return self._timed(fn)
+
+    def _timed(self, fn):
+        self.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        self.synchronize()
+        self.compile_s += time.perf_counter() - t0
+        return out
+
+    def _check_batch(self, b: int) -> None:
+        if b > self.max_batch:
+            raise VlmrtError(
+                f"batch of {b} is above the compiled runtime's cache maximum of {self.max_batch}; split the "
+                f"batch or build the runtime with runtime_options={{'max_batch': {b}}} (vlmrt bench sizes it "
+                f"to the largest --batch)")
+
+    def _check_started(self, b: int) -> None:
+        if b > self._batch or self._seq == 0:
+            raise VlmrtError(f"call start(batch_size>={b}, max_seq_len) before decode (the generation loop does)")
+
+
+def _make_options(options: dict) -> CompiledOptions:
+    known = {f.name for f in fields(CompiledOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise VlmrtError(f"unknown compiled-runtime option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    o = CompiledOptions(**options)
+    if o.max_batch < 1 or o.seq_multiple < 1 or o.prefill_multiple < 1:
+        raise VlmrtError("max_batch, seq_multiple and prefill_multiple must be at least 1")
+    return o
+
+
+def _batch_buckets(o: CompiledOptions) -> tuple[int, ...]:
+    if o.batch_buckets:
+        buckets = sorted({b for b in o.batch_buckets if 1 <= b <= o.max_batch} | {o.max_batch})
+    else:
+        buckets = sorted({2**i for i in range(o.max_batch.bit_length()) if 2**i < o.max_batch} | {o.max_batch})
+    return tuple(buckets)
+
+
+def _pad_rows(x: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
+    """Zero rows appended along `dim` up to `rows`."""
+    if x.shape[dim] == rows:
+        return x
+    pad = list(x.shape)
+    pad[dim] = rows - x.shape[dim]
+    return torch.cat([x, x.new_zeros(pad)], dim=dim)
+
+
+def _raise_recompile_limit(n: int) -> None:
+    """Each bucket is one compiled shape; let dynamo keep that many (its default is 8 per function)."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < n:
+            setattr(cfg, name, n)

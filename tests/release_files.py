@@ -60,3 +60,23 @@ def write_llama_folder(loaded, folder: Path, llm_format: str) -> None:
         torch.save({k: llm[k] for k in keys}, folder / shard)
     index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def write_sentencepiece_tokenizer(folder: Path) -> None:
+    """Replace the tokenizer with a SentencePiece tokenizer.model + tokenizer_config.json, the way the
+    Vicuna and Llama-2 releases ship it (trained here on a few sentences, byte fallback on)."""
+    import io
+
+    import sentencepiece as spm
+
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / f).unlink(missing_ok=True)
+    text = ["Describe this image in detail.", "What is the person wearing?", "Give the following image: "
+            "ImageContent. You will be able to see the image once I provide it to you.", "###Human: Assistant:"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model, vocab_size=400, model_type="bpe",
+                                   byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import load_tiny
-from release_files import write_minigpt4_release
+from release_files import write_minigpt4_release, write_sentencepiece_tokenizer
+from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
 from vlmrt.models import load_model
 
@@ -109,3 +110,15 @@ def test_vicuna_config_special_ids_are_ignored(tmp_path):
     assert cfg["bos_token_id"] == 0
     loaded = load_model(str(folder))
     assert loaded.tokenizer.bos_token_id == 1 and loaded.tokenizer.eos_token_id == 2
+
+
+def test_sentencepiece_tokenizer_model_as_released(tmp_path, photo):
+    folder = _release(tmp_path)
+    write_sentencepiece_tokenizer(folder / "vicuna")
+    loaded = load_model(str(folder))
+    ids = loaded.tokenizer("Describe this image.").input_ids
+    assert ids[0] == 1 and loaded.tokenizer.decode(ids, skip_special_tokens=True) == "Describe this image."
+    from vlmrt.pipeline import Pipeline
+
+    out = Pipeline(loaded)([photo], ["What is this?"], GenerationConfig(max_new_tokens=3))
+    assert len(out.token_ids[0]) == 3

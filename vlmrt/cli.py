@@ -13,11 +13,13 @@ import json
 import sys
 
 from vlmrt.errors import VlmrtError
+from vlmrt.bench import add_bench_args, cmd_bench
+from vlmrt.eval.commands import add_caption_args, add_eval_args, cmd_caption, cmd_eval
 
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a folder with a release or an export")
-    p.add_argument("--runtime", default="eager", help="eager (default)")
+    p.add_argument("--runtime", default="eager", help="eager (default), compiled or onnx (an export folder always runs on onnx)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of sampling (default 0)")
@@ -74,7 +76,7 @@ def _result_json(pipe, args, result) -> dict:
         "model": pipe.loaded.name,
         "family": pipe.loaded.family,
         "synthetic_weights": pipe.loaded.synthetic,
-        "runtime": args.runtime,
+        "runtime": getattr(pipe.runtime, "name", args.runtime),  # an export folder runs on onnx
         "device": args.device,
         "dtype": args.dtype,
         "prompt_tokens": result.prompt_tokens,
@@ -129,9 +131,32 @@ def cmd_models(args) -> int:
     return 0
 
 
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a preset (see `vlmrt models`) or a release folder")
+    p.add_argument("--out", required=True, help="the export folder (absent or empty unless --force)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and activations (default fp32; fp16 for GPU providers)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (presets; default 0)")
+
+
+def cmd_export(args) -> int:
+    """Export a model's vision, embedding and decoder stages to ONNX graphs, with the tokenizer and a
+    manifest; `vlmrt run --model OUT ...` then runs it on ONNX Runtime with no model code."""
+    from vlmrt.export import export
+
+    m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed)
+    print(f"exported {m.name} ({m.family}, {m.dtype}) to {args.out}: " + ", ".join(s.file for s in m.stages.values()))
+    return 0
+
+
 COMMANDS = {
     "run": ("answer a question about an image", add_run_args, cmd_run),
     "models": ("list model families and presets", add_models_args, cmd_models),
+    "caption": ("caption every image in a folder, resumably", add_caption_args, cmd_caption),
+    "eval": ("fidelity checks: runtime parity, CLIP score", add_eval_args, cmd_eval),
+    "export": ("export a model to ONNX graphs plus a manifest", add_export_args, cmd_export),
+    "bench": ("time runtimes per stage and batch size, against Hugging Face generate", add_bench_args, cmd_bench),
 }
 
 

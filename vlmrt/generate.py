@@ -194,7 +194,7 @@ def generate(
     runtime.synchronize()
     t_vision = time.perf_counter()
     logits = prefill(runtime, runtime.embed(input_ids, features), mask, positions)
-    token = sample_next_token(logits, history, cfg, generator)
+    token = sample_next_token(logits.to(device), history, cfg, generator)  # onnx answers on the CPU
     runtime.synchronize()
     t_first = time.perf_counter()
     steps = 0
@@ -208,7 +208,7 @@ def generate(
         mask[:, slot] = 1
         position = position + 1
         logits = decode_one_token(runtime, fed, position, mask, slot)
-        token = sample_next_token(logits, history, cfg, generator)
+        token = sample_next_token(logits.to(device), history, cfg, generator)
         steps += 1
     runtime.synchronize()
     t_end = time.perf_counter()

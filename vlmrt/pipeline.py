@@ -34,6 +34,10 @@ class Pipeline:
 
         self.loaded = loaded
         self.processor = Processor(loaded.spec, loaded.tokenizer)
+        if loaded.model is None:  # an export folder holds graphs only: ONNX Runtime runs them
+            if runtime not in ("eager", "onnx"):
+                raise VlmrtError(f"{loaded.name} is an ONNX export; it runs on --runtime onnx, not {runtime}")
+            runtime = "onnx"
         self.runtime = runtime_class(runtime)(loaded, **(runtime_options or {}))
 
     @classmethod
@@ -64,9 +68,10 @@ class Pipeline:
         config = config or self.generation_config()
         t0 = time.perf_counter()
         batch = self.processor(images, prompts)
+        batch = {k: v.to(self.loaded.device) if hasattr(v, "to") else v for k, v in batch.items()}  # loop runs on the model's device
         preprocess_ms = (time.perf_counter() - t0) * 1e3
         t = batch["input_ids"].shape[1]
-        ctx = self.loaded.model.max_context
+        ctx = self.loaded.max_context
         notes = []
         if t >= ctx:
             raise VlmrtError(

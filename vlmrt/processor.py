@@ -40,6 +40,10 @@ class ProcessorSpec:
     add_bos: bool = True
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[tuple[int, ...], ...] = ()
+    # "module:function(processor, images, prompts) -> batch" for families whose image becomes a
+    # variable number of tokens (MiniCPM-V-2's slicing); "" = the square resize above
+    batch_hook: str = ""
+    hook_options: tuple[tuple[str, object], ...] = ()  # (name, value) pairs the hook reads: plain data
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +54,7 @@ class ProcessorSpec:
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         d["stop_strings"] = tuple(d.get("stop_strings", ()))
         d["stop_token_ids"] = tuple(tuple(s) for s in d.get("stop_token_ids", ()))
+        d["hook_options"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in d.get("hook_options", ()))
         return cls(**d)
 
 
@@ -138,6 +143,11 @@ class Processor:
         """Returns input_ids [B,T] (left-padded), attention_mask [B,T], pixel_values [B,3,S,S]."""
         if len(images) != len(prompts):
             raise VlmrtError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        if self.spec.batch_hook:  # the family builds the batch (and may add named vision inputs)
+            import importlib
+
+            module, func = self.spec.batch_hook.split(":")
+            return getattr(importlib.import_module(module), func)(self, images, prompts)
         rows = [self.prompt_ids(p) for p in prompts]
         t = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), t), self.pad_token_id, dtype=torch.long)

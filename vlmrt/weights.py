@@ -39,10 +39,25 @@ def init_synthetic(model: nn.Module, seed: int, std: float = 0.02) -> None:
 
 
 def build_on(device: torch.device, dtype: torch.dtype, factory):
-    """Construct `factory()` without allocating on the CPU first, then move it to (device, dtype)."""
+    """Construct `factory()` without allocating on the CPU first, then move it to (device, dtype).
+
+    Tied parameters (e.g. lm_head.weight = embed_tokens.weight) stay tied: `to_empty` gives each
+    module its own new tensor, so the aliases are restored afterwards.
+    """
     with torch.device("meta"):
         model = factory()
-    return model.to_empty(device=device).to(dtype)
+    first: dict[int, str] = {}
+    aliases = {}  # alias name -> name of the first module holding the same parameter
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    model = model.to_empty(device=device).to(dtype)
+    for name, target in aliases.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(target))
+    return model
 
 
 def read_pth(path: str | os.PathLike) -> dict:

@@ -198,6 +198,8 @@ def load_export(folder: str | Path, device: str = "cpu"):
 
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if manifest.dtype not in DTYPES:
+        raise VlmrtError(f"{folder / MANIFEST} is corrupt (unknown dtype {manifest.dtype!r}); re-export it")
     return LoadedModel(None, load_tokenizer(folder), manifest.processor, str(folder), manifest.family,
                        manifest.synthetic, manifest, resolve_device(device), DTYPES[manifest.dtype],
                        seed=manifest.seed, export_dir=folder)

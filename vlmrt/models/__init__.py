@@ -19,7 +19,10 @@ from vlmrt.errors import VlmrtError
 from vlmrt.processor import ProcessorSpec
 
 FAMILIES = {  # family -> "module:Class", alphabetical
+    "minicpmv": "vlmrt.models.minicpmv:MiniCPMVForConditionalGeneration",
     "minigpt4": "vlmrt.models.minigpt4:MiniGPT4ForConditionalGeneration",
+    "qwen_vl": "vlmrt.models.qwen_vl:QWenLMHeadModel",
+    "slimm": "vlmrt.models.slimm:SliMMForConditionalGeneration",
 }
 
 
@@ -27,15 +30,22 @@ FAMILIES = {  # family -> "module:Class", alphabetical
 class LoadedModel:
     """A model ready for a runtime: the stage implementation plus what processing needs."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None for an export folder (its graphs run on the onnx runtime)
     tokenizer: object
     spec: ProcessorSpec
     name: str  # preset name or folder path
     family: str
     synthetic: bool  # True: weights drawn from a seed, the text is meaningless
-    config: object
+    config: object  # the family's config, or an export's Manifest
     device: torch.device
     dtype: torch.dtype
+    seed: int | None = None  # seed of the synthetic weights (presets)
+    export_dir: Path | None = None  # set for an export folder
+
+    @property
+    def max_context(self) -> int:
+        """The longest sequence (prompt + image tokens + answer) the decoder accepts."""
+        return self.model.max_context if self.model is not None else self.config.max_context
 
 
 def family_class(family: str):
@@ -54,7 +64,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
     """Build a preset with synthetic weights, or load a release folder from local files.
 
     Args:
-        name_or_path: a preset name (`vlmrt models` lists them) or a folder holding a release.
+        name_or_path: a preset name (`vlmrt models` lists them), a folder holding a release, or an
+            export folder (manifest.json; loaded with model=None for the onnx runtime, in its own dtype).
         device: "cpu" or "cuda".
         dtype: "fp32", "fp16" or "bf16".
         seed: seed of the synthetic weights (presets only).
@@ -72,10 +83,14 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
         model = build_on(dev, tdtype, lambda: cls(cfg))
         init_synthetic(model, seed)
         return LoadedModel(model.eval(), cls.synthetic_tokenizer(cfg), model.processor_spec, name_or_path,
-                           family, True, cfg, dev, tdtype)
+                           family, True, cfg, dev, tdtype, seed=seed)
     path = Path(name_or_path)
     if not path.exists():
         raise VlmrtError(f"unknown model {name_or_path!r}: not a preset and no such folder; presets: {', '.join(presets)}")
+    if (path / "manifest.json").is_file():  # an export folder (vlmrt export): no model code needed
+        from vlmrt.export.manifest import load_export
+
+        return load_export(path, device)
     for family in FAMILIES:
         cls = family_class(family)
         if cls.is_release_folder(path):

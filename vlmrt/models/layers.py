@@ -203,3 +203,84 @@ class LlamaForCausalLM(nn.Module):
         """cos, sin [B,T,hd] for the positions; families with other schemes (M-RoPE) override this."""
         cfg = self.config
         return rotary_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, dtype)
+
+
+# ----------------------------------------------------------------------------- resampler (Qwen-VL, MiniCPM-V-2)
+def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """The fixed 2D sin-cos table [grid_h*grid_w, dim] of MAE, as Qwen-VL's and MiniCPM-V-2's
+    resamplers use it (../shared/models/SPEC.md 2.4): positions row-major; the first dim/2 channels
+    encode the column, the last dim/2 the row; each half is [sin(p*w), cos(p*w)] with
+    w_k = 1 / 10000^(k / (dim/4)). Computed in fp32, as the releases do."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim / 4))  # [D/4]
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32), torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+
+    def half(p: torch.Tensor) -> torch.Tensor:  # [gh,gw] -> [gh*gw, D/2]
+        angles = p.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([half(cols), half(rows)], dim=1)
+
+
+def sincos_2d_at(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """`sincos_2d_pos_embed` at given positions: rows, cols [...] -> [..., dim] fp32, on their device.
+    For batches whose items each have their own grid (MiniCPM-V-2's slices); export-friendly."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, device=rows.device, dtype=torch.float32) / (dim / 4))  # [D/4]
+
+    def half(p: torch.Tensor) -> torch.Tensor:  # [...] -> [..., D/2]
+        angles = p.float()[..., None] * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+    return torch.cat([half(cols), half(rows)], dim=-1)
+
+
+class PackedMultiheadAttention(nn.Module):
+    """`nn.MultiheadAttention`'s parameters and names (`in_proj_weight` [3D,D] packed [Q;K;V],
+    `in_proj_bias` [3D], `out_proj`) with a batch-first forward that has no fast-path branches, so
+    it exports and compiles as plain matmuls + SDPA."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        self.heads = heads
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query [B,Q,D], key/value [B,N,D], key_mask [B,N] bool (True = attend; None = all) -> [B,Q,D]."""
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3)
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # [B,H,L,hd]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B,1,1,N]
+        out = F.scaled_dot_product_attention(split(F.linear(query, wq, bq)), split(F.linear(key, wk, bk)),
+                                             split(F.linear(value, wv, bv)), attn_mask=mask)  # [B,H,Q,hd]
+        return self.out_proj(out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1))
+
+
+class Resampler(nn.Module):
+    """One cross-attention layer from learned queries to image tokens: Qwen-VL's `attn_pool` and
+    the core of MiniCPM-V-2's `resampler` (same parameter names in both releases).
+
+    ```
+     x [B,N,kv_dim] ─► kv_proj ─► ln_kv ─► kv [B,N,D] ──┬──(+ key_pos [N,D])──► keys
+                                                        └─────────────────────► values
+     query [Q,D] ─► ln_q ─► + pos_embed [Q,D] ─► queries ─► attn ─► [B,Q,D]
+    ```
+    `key_pos` is the caller's: Qwen-VL resizes `pos_embed` to the ViT grid, MiniCPM-V-2 computes a
+    sin-cos table for the slice's grid. `pos_embed` is a parameter because the releases store it.
+    """
+
+    def __init__(self, num_queries: int, embed_dim: int, num_heads: int, kv_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(num_queries, embed_dim))
+        self.pos_embed = nn.Parameter(torch.empty(num_queries, embed_dim))
+        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False)
+        self.attn = PackedMultiheadAttention(embed_dim, num_heads)
+        self.ln_q = nn.LayerNorm(embed_dim, eps=eps)
+        self.ln_kv = nn.LayerNorm(embed_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, key_pos: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,N,kv_dim], key_pos [N,D] or [B,N,D], key_mask [B,N] bool (None = all keys) -> [B,Q,D]."""
+        kv = self.ln_kv(self.kv_proj(x))  # [B,N,D]
+        q = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)  # [B,Q,D]
+        return self.attn(q, kv + key_pos.to(kv.dtype), kv, key_mask)

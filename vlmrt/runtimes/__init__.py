@@ -14,6 +14,7 @@ from vlmrt.errors import VlmrtError
 RUNTIMES = {  # name -> "module:Class", alphabetical
     "compiled": "vlmrt.runtimes.compiled:CompiledRuntime",
     "eager": "vlmrt.runtimes.eager:EagerRuntime",
+    "onnx": "vlmrt.runtimes.onnx:OnnxRuntime",
 }
 
 

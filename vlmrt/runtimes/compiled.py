@@ -9,7 +9,7 @@ before capture, one memory pool shared by graphs that never run at the same time
  storage: StaticKVCache [B_max, H_kv, S_max, hd] per layer, allocated once in __init__
     └► window(Bb, S) = storage[:Bb, :, :S] views (no copy): one per (batch bucket, seq bucket)
 
- encode_images  pixels [b,3,H,W] ─pad rows─► [Bb,3,H,W] ─► compiled vision (+ CUDA graph) ─► [:b]
+ encode_images  pixels [b,3,H,W] ─► compiled vision (+ CUDA graph per batch size) ─► features
  embed          eager (a table lookup and a splice; nothing to gain from compiling)
  decode, T > 1  prefill: embeds [b,T,D] ─pad rows to Bb, pad T on the right to Tb─►
                 compiled decoder over window(Bb, S) ─► logits [Bb,Tb,V] ─► [:b, :T]
@@ -34,6 +34,7 @@ Inductor compiles the step (fusions); the graph removes launch and Python overhe
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -54,6 +55,7 @@ class CompiledOptions:
     prefill_multiple: int = 32  # prompts are right-padded to a multiple of this (one graph per bucket)
     compile_vision: bool = True  # False: the vision stage runs eagerly (saves its compile time)
     cuda_graphs: bool | None = None  # None: on when the model is on CUDA
+    dynamic: bool | None = None  # None: a stage's first shape compiles static, a second one dynamic (reused after)
     backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug)
     mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
 
@@ -128,6 +130,8 @@ class CompiledRuntime:
             loaded: a `vlmrt.models.LoadedModel` (its device and dtype are the runtime's).
             **options: fields of `CompiledOptions`.
         """
+        if loaded.model is None:
+            raise VlmrtError(f"{loaded.name} is an ONNX export; the compiled runtime needs a preset or a release folder")
         self.options = _make_options(options)
         self.loaded, self.model = loaded, loaded.model
         self.device, self.dtype = loaded.device, loaded.dtype
@@ -139,15 +143,16 @@ class CompiledRuntime:
         if self.use_graphs and self.device.type != "cuda":
             raise VlmrtError("cuda_graphs=True needs the model on a CUDA device; load it with --device cuda")
         _raise_recompile_limit(len(self.batch_buckets) * 16)
-        compile_kw = {"backend": o.backend, "dynamic": False, **({"mode": o.mode} if o.mode else {})}
+        compile_kw = {"backend": o.backend, "dynamic": o.dynamic, **({"mode": o.mode} if o.mode else {})}
         self._prefill = torch.compile(_prefill_step, **compile_kw)
         self._decode = torch.compile(_decode_step, **compile_kw)
         self._vision = torch.compile(_vision_step, **compile_kw) if o.compile_vision else _vision_step
         self.storage = StaticKVCache(m.num_layers, self.max_batch, m.num_kv_heads, self.max_seq, m.head_dim,
                                      self.dtype, self.device)  # the only cache allocation
         self._windows: dict = {}  # (Bb, S) -> _Window
-        self._static: dict = {}  # (Bb, S, position rank) -> static decode inputs
-        self._graphs: dict = {}  # ("decode", Bb, S, rank) or ("vision", Bb, shape) -> _Graph
+        self._static: dict = {}  # graph inputs: (Bb, S, position rank) -> decode buffers; vision key -> pixels
+        self._graphs: dict = {}  # ("decode", Bb, S, rank) or ("vision", shape) -> _Graph (None: not capturable)
+        self._seen: set = set()  # shape keys already compiled (the path without graphs)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._batch = self._seq = 0
         self.compile_s = 0.0  # wall time spent in first calls of new shapes (compile + capture)
@@ -155,22 +160,23 @@ class CompiledRuntime:
     # ------------------------------------------------------------------ the StageRunner interface
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
-        """pixel_values [b,3,H,W] -> image_features [b,N,D]; rows padded to a batch bucket."""
+        """pixel_values [b,3,H,W] -> image_features [b,N,D] (or the family's dict of named outputs).
+
+        Not padded to a bucket: a family's outputs need not be batch-first (SliMM's DeepStack
+        features are [K,b,N,D]), so graphs are per exact batch size; dynamo reuses one dynamic graph.
+        """
         pixels = pixel_values.to(self.device, self.dtype)
         if vision_inputs:  # family-specific extra inputs (e.g. grids): shapes vary, run eagerly
             return self.model.encode_images(pixels, **vision_inputs)
-        b = pixels.shape[0]
-        self._check_batch(b)
-        bb = pick_bucket(b, self.batch_buckets)
-        key = ("vision", bb, tuple(pixels.shape[1:]))
+        self._check_batch(pixels.shape[0])
+        key = ("vision", tuple(pixels.shape))
         if not self.use_graphs:
-            return self._first_call(key, lambda: self._vision(self.model, _pad_rows(pixels, bb, dim=0)))[:b]
-        if key not in self._graphs:
-            static = torch.zeros((bb, *pixels.shape[1:]), dtype=self.dtype, device=self.device)  # [Bb,3,H,W]
-            self._timed(lambda: self._graphs.setdefault(key, _Graph(self._vision, (self.model, static), self._pool)))
-        graph = self._graphs[key]
-        graph.inputs[1][:b].copy_(pixels)
-        return graph.replay()[:b].clone()
+            return self._first_call(key, lambda: self._vision(self.model, pixels))
+        if key not in self._static:
+            self._static[key] = torch.zeros_like(pixels)  # [b,3,H,W]: the address the graph reads
+        static = self._static[key]
+        static.copy_(pixels)
+        return _clone(self._replay(key, self._vision, (self.model, static)))  # a replay overwrites its outputs
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None):
@@ -202,14 +208,15 @@ class CompiledRuntime:
     # ------------------------------------------------------------------ prefill and decode
     def _prefill_call(self, embeds, positions, mask, cache_position, extras):
         b, t = embeds.shape[:2]  # embeds [b,T,D], positions [...,b,T], mask [b,L]
-        bb, s = pick_bucket(b, self.batch_buckets), self._seq
         self._check_started(b)
-        tb = t if extras else min(round_up(t, self.options.prefill_multiple), s)  # extras: shapes unknown, exact T
+        s, window = self._seq, self._window(pick_bucket(b, self.batch_buckets), self._seq)
+        bb, tb = pick_bucket(b, self.batch_buckets), min(round_up(t, self.options.prefill_multiple), s)
+        if extras:  # named extras (e.g. DeepStack [K,b,T,D]) have shapes we cannot pad: exact b and T
+            bb, tb = b, t
         embeds = F.pad(embeds.to(self.device, self.dtype), (0, 0, 0, tb - t, 0, bb - b))  # [Bb,Tb,D]
         positions = F.pad(positions.to(self.device), (0, tb - t, 0, bb - b))  # [...,Bb,Tb]
         mask = F.pad(mask.to(self.device)[:, :s], (0, s - min(mask.shape[1], s), 0, bb - b))  # [Bb,S]
         slots = torch.arange(tb, device=self.device)  # cache_position [Tb]; the loop's is arange(T)
-        window = self._window(bb, s)
         key = ("prefill", bb, tb, s, positions.dim())
         logits = self._first_call(key, lambda: self._prefill(self.model, embeds, positions, mask, slots, window, extras))
         return logits[:b, :t]
@@ -230,9 +237,7 @@ class CompiledRuntime:
         key = ("decode", bb, s, positions.dim())
         if not self.use_graphs:
             return self._first_call(key, lambda: self._decode(*inputs))[:b]
-        if key not in self._graphs:
-            self._timed(lambda: self._graphs.setdefault(key, _Graph(self._decode, inputs, self._pool)))
-        return self._graphs[key].replay()[:b].clone()  # the next replay overwrites the output buffer
+        return self._replay(key, self._decode, inputs)[:b].clone()  # the next replay overwrites the output
 
     def _static_inputs(self, bb: int, s: int, embeds: torch.Tensor, positions: torch.Tensor) -> dict:
         """Static decode inputs per (Bb, S, position rank), allocated once (graphs read these addresses)."""
@@ -255,10 +260,18 @@ class CompiledRuntime:
     # ------------------------------------------------------------------ bookkeeping
     def _first_call(self, key, fn):
         """Run fn; the first time a shape key is seen, count its wall time as compile time."""
-        if key in self._graphs:
+        if key in self._seen:
             return fn()
-        self._graphs[key] = None  # seen (no graph object on this path)
+        self._seen.add(key)
         return self._timed(fn)
+
+    def _replay(self, key, fn, inputs: tuple):
+        """Replay the CUDA graph of `key`, capturing it on first use. Should capture fail (an op that
+        waits for the host, in some family's code), `key` runs as plain compiled calls from then on."""
+        if key not in self._graphs:
+            self._graphs[key] = self._timed(lambda: _capture(fn, inputs, self._pool, key[0]))
+        graph = self._graphs[key]
+        return graph.replay() if graph is not None else fn(*inputs)
 
     def _timed(self, fn):
         self.synchronize()
@@ -288,6 +301,9 @@ def _make_options(options: dict) -> CompiledOptions:
     o = CompiledOptions(**options)
     if o.max_batch < 1 or o.seq_multiple < 1 or o.prefill_multiple < 1:
         raise VlmrtError("max_batch, seq_multiple and prefill_multiple must be at least 1")
+    if o.mode in ("reduce-overhead", "max-autotune"):  # these modes capture CUDA graphs of their own
+        raise VlmrtError(f"mode={o.mode!r} captures CUDA graphs itself, and this runtime already captures its "
+                         "own; use mode='max-autotune-no-cudagraphs' (or leave mode unset)")
     return o
 
 
@@ -299,13 +315,21 @@ def _batch_buckets(o: CompiledOptions) -> tuple[int, ...]:
     return tuple(buckets)
 
 
-def _pad_rows(x: torch.Tensor, rows: int, dim: int) -> torch.Tensor:
-    """Zero rows appended along `dim` up to `rows`."""
-    if x.shape[dim] == rows:
-        return x
-    pad = list(x.shape)
-    pad[dim] = rows - x.shape[dim]
-    return torch.cat([x, x.new_zeros(pad)], dim=dim)
+def _capture(fn, inputs: tuple, pool, what: str) -> _Graph | None:
+    try:
+        return _Graph(fn, inputs, pool)
+    except RuntimeError as e:
+        torch.cuda.synchronize()
+        warnings.warn(f"compiled runtime: the {what} stage cannot be captured in a CUDA graph ({e}); it runs "
+                      "compiled without a graph (slower launches, same results)")
+        return None
+
+
+def _clone(out):
+    """A copy of a stage output: a tensor, or a dict of named tensors."""
+    if isinstance(out, dict):
+        return {k: v.clone() for k, v in out.items()}
+    return out.clone()
 
 
 def _raise_recompile_limit(n: int) -> None:

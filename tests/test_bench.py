@@ -1,0 +1,158 @@
+"""`vlmrt bench` end to end on the tiny preset, its outputs, its arithmetic and its bad-input errors.
+
+The compiled runtime runs here with dynamo's "eager" backend (its buckets, buffers and warm-up
+accounting, without Inductor's C++ compile time; tests/test_compiled.py checks Inductor).
+"""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from vlmrt.bench import (COLUMNS, TIMED, BenchConfig, add_speedups, agreement, build_prompt, first_divergence,
+                         format_table, run_bench)
+from vlmrt.cli import main
+from vlmrt.errors import VlmrtError
+
+FAST = {"compiled": {"backend": "eager"}}
+
+
+def _config(tmp_path, **kw) -> BenchConfig:
+    base = dict(model="minigpt4-tiny", out=str(tmp_path), runtimes=("eager", "compiled", "hf"), batches=(1, 2),
+                new_tokens=8, repeats=1, warmup=1, runtime_options=FAST)
+    return BenchConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    lines: list[str] = []
+    return run_bench(_config(out), log=lines.append), out, lines
+
+
+def test_every_runtime_and_batch_is_measured(sweep):
+    result, _, _ = sweep
+    rows = result["rows"]
+    assert [(r["runtime"], r["batch"]) for r in rows] == [
+        (n, b) for n in ("eager", "compiled", "hf") for b in (1, 2)]
+    for r in rows:
+        assert r["error"] is None, r
+        assert all(r[k] > 0 for k in TIMED), r
+        assert r["ttft_ms"] >= r["vision_ms"] and r["e2e_ms"] > r["ttft_ms"]
+        assert r["peak_mem_mib"] > 0 and r["warmup_s"] > 0
+        assert r["agreement"] == 1.0 and r["first_divergence"] is None  # fp32: same math, same tokens
+        assert r["speedup_vs_hf"] > 0 and r["speedup_vs_eager"] > 0
+    assert all(r["speedup_vs_eager"] == 1.0 for r in rows if r["runtime"] == "eager")
+    assert all(r["compile_s"] is not None for r in rows if r["runtime"] == "compiled")
+
+
+def test_outputs_are_valid_json_csv_and_png(sweep):
+    result, out, lines = sweep
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["rows"] == json.loads(json.dumps(result["rows"]))
+    meta = on_disk["meta"]
+    assert meta["model"] == "minigpt4-tiny" and meta["synthetic_weights"] and meta["config"]["new_tokens"] == 8
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == list(COLUMNS) and len(table) == 6
+    assert float(table[0]["tokens_per_s"]) == pytest.approx(result["rows"][0]["tokens_per_s"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert any("matplotlib is not installed" in line for line in lines)
+    else:
+        assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_progress_is_reported(sweep):
+    _, _, lines = sweep
+    assert any(line.startswith("compiled batch 2: warm-up 1/1") for line in lines)
+    assert any(line.startswith("hf batch 1: run 1/1") for line in lines)
+    assert any("reference: eager fp32 greedy, batch 2" in line for line in lines)
+
+
+def test_cli_prints_a_table(tmp_path, capsys):
+    code = main(["bench", "--model", "minigpt4-tiny", "--runtime", "eager,hf", "--batch", "1", "--new-tokens", "4",
+                 "--prompt-tokens", "60", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "| runtime | batch |" in captured.out and "| hf | 1 |" in captured.out
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert rows[0]["prompt_tokens"] == 60 + 8  # text tokens + the tiny preset's 8 image tokens
+
+
+def test_unknown_runtime_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(VlmrtError, match=r"unknown runtime 'tensorrt'.*available: .*compiled.*hf"):
+        run_bench(_config(tmp_path, runtimes=("eager", "tensorrt")))
+    assert main(["bench", "--model", "minigpt4-tiny", "--runtime", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown runtime 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    code = main(["bench", "--model", "minigpt4-tiny", "--runtime", "compiled", "--device", "cuda", "--out", str(tmp_path)])
+    assert code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_batch_above_the_cache_maximum_is_an_error_row(tmp_path):
+    result = run_bench(_config(tmp_path, runtimes=("compiled",), agreement=False,
+                               runtime_options={"compiled": {"backend": "eager", "max_batch": 1}}), log=lambda _: None)
+    one, two = result["rows"]
+    assert one["error"] is None and one["tokens_per_s"] > 0
+    assert "above the compiled runtime's cache maximum of 1" in two["error"] and two["tokens_per_s"] is None
+    assert "error: batch of 2" in format_table(result["rows"])
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(batches=(0,)), "batch sizes"),
+    (dict(new_tokens=1), "--new-tokens >= 2"),
+    (dict(dtype="fp8"), "unknown dtype"),
+    (dict(new_tokens=100_000), "above the model's context"),
+    (dict(prompt_tokens=1), "--prompt-tokens must be at least 2"),
+])
+def test_bad_settings_are_clear_errors(tmp_path, kw, message):
+    with pytest.raises(VlmrtError, match=message):
+        run_bench(_config(tmp_path, **kw), log=lambda _: None)
+
+
+def test_bad_batch_list_is_a_clear_error(tmp_path, capsys):
+    assert main(["bench", "--model", "minigpt4-tiny", "--batch", "1,two", "--out", str(tmp_path)]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_agreement_divergence_and_speedups():
+    ref = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert agreement(ref, ref) == 1.0
+    assert agreement(torch.tensor([[1, 2, 0, 4], [5, 6, 7, 8]]), ref) == 7 / 8
+    assert first_divergence(ref, ref) is None
+    assert first_divergence(torch.tensor([[1, 2, 3, 4], [5, 0, 7, 8]]), ref) == 1
+    rows = [{"runtime": n, "batch": 1, "e2e_ms": ms, "error": None} for n, ms in (("hf", 400.0), ("eager", 200.0), ("compiled", 100.0))]
+    rows.append({"runtime": "onnx", "batch": 1, "e2e_ms": None, "error": "no export"})
+    add_speedups(rows)
+    assert rows[2]["speedup_vs_hf"] == 4.0 and rows[2]["speedup_vs_eager"] == 2.0
+    assert rows[3]["speedup_vs_hf"] is None
+
+
+@pytest.mark.parametrize("n", [2, 40, 300])
+def test_prompt_of_a_chosen_length_keeps_bos_image_and_question(n):
+    from conftest import load_tiny
+    from vlmrt.processor import Processor
+
+    loaded = load_tiny("minigpt4-tiny")
+    processor = Processor(loaded.spec, loaded.tokenizer)
+    question, ids = build_prompt(processor, n)
+    full, img = processor.prompt_ids(question), loaded.spec.image_token_id
+    assert len(ids) == n + loaded.spec.num_image_tokens and ids[0] == full[0]
+    assert ids.count(img) == full.count(img) and (n < 30 or ids[-20:] == full[-20:])
+    assert build_prompt(processor, None) == ("Describe this image in detail.", None)
+
+
+# ----------------------------------------------------------------------------- GPU (marked)
+@pytest.mark.gpu
+def test_bench_on_cuda_fp16(tmp_path):
+    result = run_bench(BenchConfig(model="minigpt4-tiny", out=str(tmp_path), runtimes=("eager", "compiled", "hf"),
+                                   batches=(1, 2), new_tokens=32, dtype="fp16", device="cuda", repeats=2),
+                       log=lambda _: None)
+    for r in result["rows"]:
+        assert r["error"] is None and r["agreement"] >= 0.9, r

@@ -1,0 +1,135 @@
+"""The compiled runtime against the eager reference: identical greedy tokens on CPU (Inductor
+without CUDA graphs), bucketing and padding, bad input; CUDA graphs and fp16 on a GPU (marked).
+
+Compiling is slow on a 2-core CPU, so every runtime is built once per module (fixtures) and
+compiles few shapes: batch 1 and 3 share batch bucket 4 and one prompt bucket.
+"""
+
+import pytest
+import torch
+
+from conftest import load_tiny
+from families import FAMILY_TESTS
+from vlmrt.cli import main
+from vlmrt.errors import VlmrtError
+from vlmrt.pipeline import Pipeline
+from vlmrt.runtimes import runtime_class
+from vlmrt.runtimes.compiled import CompiledRuntime, pick_bucket, round_up
+
+PROMPTS = ["Describe this image.", "What is the person in this picture holding in the left hand?", "Hi"]
+ONE_BUCKET = {"max_batch": 4, "batch_buckets": (4,)}  # batch 1 and 3 both run padded to 4 rows
+
+
+def _answers(pipe, photo, rows: int, new_tokens: int = 64):
+    cfg = pipe.generation_config(max_new_tokens=new_tokens, stop_strings=(), stop_token_ids=())  # exactly N tokens
+    return pipe([photo] * rows, PROMPTS[:rows], cfg).token_ids
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_TESTS))
+def traced(request):
+    """(eager, compiled) per family, compiled with dynamo's "eager" backend: the family's stages
+    traced into graphs, and the runtime's buckets, padding, cache window and static buffers, without
+    Inductor's C++ compile time (Inductor itself is checked below, on one family)."""
+    loaded = load_tiny(FAMILY_TESTS[request.param]["tiny"])
+    return Pipeline(loaded, "eager"), Pipeline(loaded, "compiled", {**ONE_BUCKET, "backend": "eager"})
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_graphs_match_eager_per_family(traced, photo, rows):
+    eager, compiled = traced
+    assert _answers(compiled, photo, rows) == _answers(eager, photo, rows)
+
+
+@pytest.fixture(scope="module")
+def inductor():
+    loaded = load_tiny("minigpt4-tiny")
+    return Pipeline(loaded, "eager"), Pipeline(loaded, "compiled", {**ONE_BUCKET, "compile_vision": False})
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_inductor_matches_eager_64_tokens(inductor, photo, rows):
+    eager, compiled = inductor
+    expected = _answers(eager, photo, rows)
+    assert _answers(compiled, photo, rows) == expected
+    spent = compiled.runtime.compile_s
+    assert _answers(compiled, photo, rows) == expected  # a second request reuses the compiled graphs
+    assert compiled.runtime.compile_s == spent
+
+
+def test_buckets():
+    assert round_up(117, 32) == 128 and round_up(128, 32) == 128
+    assert pick_bucket(3, (1, 2, 4, 8)) == 4 and pick_bucket(8, (1, 2, 4, 8)) == 8
+    rt = CompiledRuntime(load_tiny("minigpt4-tiny"), max_batch=10)
+    assert rt.batch_buckets == (1, 2, 4, 8, 10)
+    rt.start(3, 117)
+    assert rt._seq == 128  # the attention window: the request rounded up to seq_multiple
+
+
+def test_registered_and_cache_allocated_once():
+    loaded = load_tiny("minigpt4-tiny")
+    rt = runtime_class("compiled")(loaded, max_batch=2, max_seq=96)
+    assert isinstance(rt, CompiledRuntime)
+    assert rt.storage.keys[0].shape == (2, loaded.model.num_kv_heads, 96, loaded.model.head_dim)
+
+
+def test_batch_above_cache_maximum_is_a_clear_error(photo):
+    loaded = load_tiny("minigpt4-tiny")
+    rt = CompiledRuntime(loaded, max_batch=2)
+    with pytest.raises(VlmrtError, match="batch of 3 is above the compiled runtime's cache maximum of 2"):
+        rt.start(3, 100)
+    with pytest.raises(VlmrtError, match="cache maximum of 2"):
+        Pipeline(loaded, "compiled", {"max_batch": 2})([photo] * 3, PROMPTS)
+
+
+def test_request_longer_than_the_cache_is_a_clear_error():
+    rt = CompiledRuntime(load_tiny("minigpt4-tiny"), max_seq=64)
+    with pytest.raises(VlmrtError, match="cache holds 64"):
+        rt.start(1, 100)
+
+
+def test_bad_options_are_clear_errors():
+    loaded = load_tiny("minigpt4-tiny")
+    with pytest.raises(VlmrtError, match="unknown compiled-runtime option.*max_batchh"):
+        CompiledRuntime(loaded, max_batchh=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(VlmrtError, match="cuda_graphs=True needs the model on a CUDA device"):
+            CompiledRuntime(loaded, cuda_graphs=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_compiled_on_cuda_without_a_gpu_is_a_clear_error(photo, capsys):
+    with pytest.raises(VlmrtError, match="no CUDA GPU"):
+        Pipeline.load("minigpt4-tiny", runtime="compiled", device="cuda")
+    code = main(["run", "--model", "minigpt4-tiny", "--runtime", "compiled", "--device", "cuda",
+                 "--image", str(photo), "--prompt", "Hi"])
+    assert code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- GPU (marked)
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cuda_graphs_fp32_match_eager(photo, rows):
+    from vlmrt.models import load_model
+
+    loaded = load_model("minigpt4-tiny", device="cuda")
+    eager, compiled = Pipeline(loaded, "eager"), Pipeline(loaded, "compiled", dict(ONE_BUCKET))
+    assert compiled.runtime.use_graphs
+    expected = _answers(eager, photo, rows)
+    assert _answers(compiled, photo, rows) == expected
+    assert _answers(compiled, photo, rows) == expected  # replays of the captured graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_compiled_agrees_with_fp32_eager_over_256_tokens(dtype):
+    from vlmrt.bench import VlmrtRunner, agreement, make_workload, preprocess
+    from vlmrt.models import load_model
+    from vlmrt.processor import Processor
+
+    ref = load_model("minigpt4-tiny", device="cuda")
+    half = load_model("minigpt4-tiny", device="cuda", dtype=dtype)
+    processor = Processor(ref.spec, ref.tokenizer)
+    batch = preprocess(processor, make_workload(processor, 2, PROMPTS[0]), ref.device)[0]
+    tokens = VlmrtRunner("eager", ref, {}).generate(batch, 256)[1]  # [2,256] fp32 greedy
+    picks = VlmrtRunner("compiled", half, {"max_batch": 2}).predict(batch, tokens)  # teacher-forced
+    assert agreement(picks, tokens) >= (0.95 if dtype == "fp16" else 0.9)

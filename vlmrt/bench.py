@@ -1,0 +1,627 @@
+"""`vlmrt bench`: every runtime, every batch size, side by side with Hugging Face generate.
+
+Follows gpt-fast's `generate.py::main` discipline: discarded warm-up runs (compile and graph
+capture happen there, and are timed as warm-up), a device sync before every clock read, medians
+of the timed runs, peak memory. Adds per-stage timings (preprocess, vision, prefill, time to first
+token, decode) and machine-readable output.
+
+```
+ for batch in batches:  reference tokens: eager fp32 greedy (once per batch, untimed)
+ for runtime in runtimes:                         for batch in batches:
+     eager / compiled / onnx ... ─► vlmrt.generate.generate (the loop users run)
+     hf / hf-compiled            ─► our vision + embedding ─► transformers LlamaForCausalLM.generate
+                                    on the same weights (shared tensors, no copy)
+     warm-up x W ─► timed x R ─► medians ─► teacher-forced agreement vs the reference
+ ─► speed-ups vs hf and eager ─► results.json, results.csv, results.png, a table
+```
+
+Every run generates exactly `new_tokens` tokens per row (stop tokens and strings off; HF gets
+`min_new_tokens = max_new_tokens` and no EOS), so runtimes do the same work.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from vlmrt.config import DTYPES, GenerationConfig, resolve_device
+from vlmrt.errors import VlmrtError
+from vlmrt.generate import decode_one_token, generate, prefill, prompt_positions
+from vlmrt.models import load_model
+from vlmrt.processor import Processor
+from vlmrt.runtimes import RUNTIMES, runtime_class
+
+HF_RUNTIMES = ("hf", "hf-compiled")  # transformers' own generate, dynamic cache / static cache (+ its auto-compile on CUDA)
+IMAGE = Path(__file__).resolve().parent / "assets" / "astronaut.jpg"
+TIMED = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "tokens_per_s", "e2e_ms")
+COLUMNS = ("runtime", "batch", "prompt_tokens", "new_tokens", *TIMED, "peak_mem_mib", "warmup_s", "compile_s",
+           "speedup_vs_hf", "speedup_vs_eager", "agreement", "first_divergence", "error")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `vlmrt bench` measures (the CLI fills it; `run_bench` takes it)."""
+
+    model: str
+    out: str
+    runtimes: tuple[str, ...] = ("eager", "compiled", "hf")
+    batches: tuple[int, ...] = (1, 2, 4, 8, 10)
+    new_tokens: int = 256
+    prompt_tokens: int | None = None  # text tokens per prompt (image tokens on top); None: template + short question
+    dtype: str = "fp32"
+    device: str = "cpu"
+    repeats: int = 3  # timed runs per (runtime, batch); medians are reported
+    warmup: int = 1  # discarded runs before timing (compile and graph capture happen here)
+    seed: int = 0
+    agreement: bool = True  # compare tokens with eager fp32 greedy (skipped if an fp32 copy does not fit)
+    runtime_options: dict = field(default_factory=dict, hash=False)  # runtime name -> constructor options
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """Raise VlmrtError for anything wrong before any work starts."""
+    known = (*RUNTIMES, *HF_RUNTIMES)
+    for name in cfg.runtimes:
+        if name not in known:
+            raise VlmrtError(f"unknown runtime {name!r} in --runtime; available: {', '.join(known)}")
+    if not cfg.runtimes or not cfg.batches:
+        raise VlmrtError("give at least one runtime (--runtime) and one batch size (--batch)")
+    if min(cfg.batches) < 1 or cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0:
+        raise VlmrtError("batch sizes and --repeats must be >= 1, --new-tokens >= 2, --warmup >= 0")
+    if cfg.dtype not in DTYPES:
+        raise VlmrtError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    resolve_device(cfg.device)  # a clear error for --device cuda without a GPU, before loading anything
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class Workload:
+    """One batch of identical (image, question) rows; identical rows mean no padding, for every runtime."""
+
+    images: list
+    prompts: list[str]
+    input_ids: list[int] | None  # a prompt of a chosen length (--prompt-tokens), or None: the processor's own
+    prompt_tokens: int  # per row, image tokens included
+
+
+def build_prompt(processor, prompt_tokens: int | None) -> tuple[str, list[int] | None]:
+    """(question, ids): with `prompt_tokens`, ids of exactly that many text tokens plus the image tokens.
+
+    The chat template is rendered with a question grown until it is long enough, then text tokens
+    are dropped from the front (after BOS): the system text goes first, the image and the question
+    stay. For timing at chosen shapes (the synthetic tokenizer makes templates longer than Llama's).
+    """
+    question = "Describe this image in detail."
+    if prompt_tokens is None:
+        return question, None
+    if prompt_tokens < 2:
+        raise VlmrtError(f"--prompt-tokens must be at least 2, got {prompt_tokens}")
+    image_id = processor.spec.image_token_id
+    text = lambda ids: sum(i != image_id for i in ids)  # noqa: E731
+    while text(processor.prompt_ids(question)) < prompt_tokens:
+        question += " image"
+    ids = processor.prompt_ids(question)
+    extra = text(ids) - prompt_tokens
+    drop = set([i for i in range(1, len(ids)) if ids[i] != image_id][:extra])  # BOS and image stay; oldest text goes
+    return question, [x for i, x in enumerate(ids) if i not in drop]
+
+
+def make_workload(processor, batch: int, question: str, ids: list[int] | None) -> Workload:
+    t = len(ids) if ids is not None else len(processor.prompt_ids(question))
+    return Workload([str(IMAGE)] * batch, [question] * batch, ids, t)
+
+
+def preprocess(processor, work: Workload, device: torch.device) -> tuple[dict, float]:
+    """Images and questions -> a batch on the device; returns (batch, ms)."""
+    t0 = time.perf_counter()
+    batch = processor(work.images, work.prompts)
+    if work.input_ids is not None:  # the chosen prompt length replaces the rendered template
+        batch["input_ids"] = torch.tensor([work.input_ids] * len(work.prompts))
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return batch, (time.perf_counter() - t0) * 1e3
+
+
+# ----------------------------------------------------------------------------- runners
+class VlmrtRunner:
+    """A vlmrt runtime driven by the shared generation loop, exactly as Pipeline drives it."""
+
+    def __init__(self, name: str, loaded, options: dict):
+        self.name, self.loaded = name, loaded
+        self.runtime = runtime_class(name)(loaded, **options)
+
+    def generate(self, batch: dict, new_tokens: int) -> tuple[dict, torch.Tensor]:
+        """-> (timings in ms, tokens [B,N])."""
+        cfg = GenerationConfig(max_new_tokens=new_tokens)  # no stop tokens or strings: N tokens per row
+        out = generate(self.runtime, batch, cfg, self.loaded.tokenizer)
+        return out.timings, torch.tensor(out.token_ids)
+
+    def predict(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced greedy picks [B,N]: feed the reference tokens, take each step's argmax."""
+        return teacher_forced(self.runtime, batch, tokens)
+
+    @property
+    def compile_s(self):
+        return getattr(self.runtime, "compile_s", None)
+
+
+def teacher_forced(runtime, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Run the stages over prompt + `tokens` [B,N]; return the argmax after each prefix [B,N]."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    (b, t), n, device = input_ids.shape, tokens.shape[1], input_ids.device
+    tokens = tokens.to(device)
+    with torch.inference_mode():
+        runtime.start(b, t + n)
+        mask = torch.zeros(b, t + n, dtype=torch.long, device=device)
+        mask[:, :t] = attention_mask
+        positions = prompt_positions(batch)
+        position = positions.amax(dim=tuple(range(positions.dim() - 2))) if positions.dim() > 2 else positions
+        position = position[:, -1].expand(positions.shape[:-1])  # [...,B]
+        features = runtime.encode_images(batch["pixel_values"])
+        picks = [prefill(runtime, runtime.embed(input_ids, features), mask, positions).argmax(-1)]
+        for i in range(n - 1):
+            mask[:, t + i] = 1
+            position = position + 1
+            picks.append(decode_one_token(runtime, tokens[:, i], position, mask, t + i).argmax(-1))
+    return torch.stack(picks, dim=1).cpu()  # [B,N]
+
+
+class HFRunner:
+    """Hugging Face transformers' generate on the same decoder weights, fed our vision and embedding
+    output as `inputs_embeds` (the comparison a user of transformers would make).
+
+    `hf-compiled` asks for transformers' static cache, which transformers compiles by itself on CUDA
+    (torch.compile of the forward); on CPU it runs the static cache uncompiled.
+    """
+
+    def __init__(self, name: str, loaded):
+        if loaded.model is None:
+            raise VlmrtError(f"{loaded.name} is an ONNX export; the hf baseline needs a preset or a release folder")
+        self.name, self.loaded = name, loaded
+        self.hf = hf_llama_like(find_llama_decoder(loaded.model), loaded.device)
+        self.static = name == "hf-compiled"
+        self.compile_s = None
+
+    def _sync(self):
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize(self.loaded.device)
+
+    def _gen_config(self, new_tokens: int):
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        return HFGenerationConfig(
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+            bos_token_id=None, pad_token_id=0, cache_implementation="static" if self.static else None,
+        )
+
+    def generate(self, batch: dict, new_tokens: int) -> tuple[dict, torch.Tensor]:
+        from transformers import LogitsProcessorList
+
+        model, clock = self.loaded.model, _FirstLogits(self._sync)
+        self._sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            features = model.encode_images(batch["pixel_values"].to(self.loaded.dtype))
+            self._sync()
+            t_vision = time.perf_counter()
+            embeds = model.embed(batch["input_ids"], features)  # [B,T,D]
+            self.hf.generation_config = self._gen_config(new_tokens)
+            out = self.hf.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                   generation_config=self.hf.generation_config,
+                                   logits_processor=LogitsProcessorList([clock]))
+        self._sync()
+        t_end = time.perf_counter()
+        steps = new_tokens - 1
+        timings = {"vision_ms": (t_vision - t0) * 1e3, "prefill_ms": (clock.t - t_vision) * 1e3,
+                   "ttft_ms": (clock.t - t0) * 1e3, "decode_ms": (t_end - clock.t) * 1e3, "decode_steps": steps,
+                   "ms_per_token": (t_end - clock.t) * 1e3 / steps}
+        return timings, out[:, -new_tokens:].cpu()  # inputs_embeds only: generate returns the new tokens
+
+    def predict(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced greedy picks [B,N] from one forward over prompt + tokens[:, :-1]."""
+        model, t = self.loaded.model, batch["input_ids"].shape[1]
+        with torch.inference_mode():
+            features = model.encode_images(batch["pixel_values"].to(self.loaded.dtype))
+            ids = torch.cat([batch["input_ids"], tokens[:, :-1].to(batch["input_ids"].device)], dim=1)  # [B,T+N-1]
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, t:])], dim=1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self.hf(inputs_embeds=model.embed(ids, features), attention_mask=mask, position_ids=positions).logits
+        return logits[:, t - 1:].argmax(-1).cpu()  # [B,N]
+
+
+class _FirstLogits:
+    """A logits processor that only notes when the first logits (the end of prefill) exist."""
+
+    def __init__(self, sync):
+        self.sync, self.t = sync, None
+
+    def __call__(self, input_ids, scores):
+        if self.t is None:
+            self.sync()
+            self.t = time.perf_counter()
+        return scores
+
+
+def find_llama_decoder(model):
+    """The model's decoder stage, if it is our plain Llama (the one transformers' Llama reproduces)."""
+    from vlmrt.models.layers import LlamaForCausalLM
+
+    for m in model.modules():
+        if type(m) is LlamaForCausalLM:
+            c = m.config
+            if c.residual_multiplier == 1.0 and c.logits_divisor == 1.0:
+                return m
+    raise VlmrtError("the hf baseline needs a plain Llama decoder (transformers' LlamaForCausalLM); "
+                     "this model's decoder is something else; leave hf out of --runtime")
+
+
+def hf_llama_like(decoder, device: torch.device):
+    """transformers.LlamaForCausalLM built from our DecoderConfig, holding our decoder's tensors.
+
+    Key names already match, so this is a strict `load_state_dict(assign=True)`: the HF model shares
+    the weights instead of copying them (a 7B decoder is 13.5 GB in fp16).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = decoder.config
+    cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings, attention_bias=c.qkv_bias, pad_token_id=0,
+    )
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(cfg)
+    hf.load_state_dict(decoder.state_dict(), strict=True, assign=True)
+    with torch.device(device):  # non-persistent buffers (rotary inv_freq) are not in the state dict
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg)
+    left = [n for n, b in hf.named_buffers() if b.is_meta]
+    if left:
+        raise VlmrtError(f"internal: transformers' Llama has buffers we did not fill: {', '.join(left)}")
+    return hf.eval()
+
+
+# ----------------------------------------------------------------------------- measuring
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a peak-memory span: CUDA's max-allocated counter, or on CPU the process's peak RSS
+    (VmHWM, which Linux resets when "5" is written to /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the peak is then the process's lifetime peak
+        pass
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB -> MiB
+    except (OSError, IndexError, ValueError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def measure(runner, processor, work: Workload, cfg: BenchConfig, device: torch.device, progress) -> dict:
+    """Warm up, then time `cfg.repeats` runs; return medians and the last run's tokens."""
+    reset_peak_memory(device)
+    compiled_before = runner.compile_s
+    warm_start = time.perf_counter()
+    for i in range(cfg.warmup):
+        progress(f"warm-up {i + 1}/{cfg.warmup}")
+        runner.generate(preprocess(processor, work, device)[0], cfg.new_tokens)
+    warmup_s = time.perf_counter() - warm_start if cfg.warmup else None
+    runs = []
+    for i in range(cfg.repeats):
+        progress(f"run {i + 1}/{cfg.repeats}")
+        batch, pre_ms = preprocess(processor, work, device)
+        timings, tokens = runner.generate(batch, cfg.new_tokens)
+        runs.append(_row_timings(timings, pre_ms, len(work.prompts), cfg.new_tokens))
+    row = {k: statistics.median(r[k] for r in runs) for k in TIMED}
+    compile_s = None if compiled_before is None else runner.compile_s - compiled_before  # this batch's new shapes
+    row.update(peak_mem_mib=peak_memory_mib(device), warmup_s=warmup_s, compile_s=compile_s)
+    return {"row": row, "tokens": tokens, "batch": batch}
+
+
+def _row_timings(t: dict, preprocess_ms: float, batch: int, new_tokens: int) -> dict:
+    generation_ms = t["ttft_ms"] + t["decode_ms"]  # tokens/s counts generation only; e2e adds preprocess
+    return {"preprocess_ms": preprocess_ms, "vision_ms": t["vision_ms"], "prefill_ms": t["prefill_ms"],
+            "ttft_ms": t["ttft_ms"], "decode_ms_per_token": t["ms_per_token"],
+            "tokens_per_s": batch * new_tokens / (generation_ms / 1e3), "e2e_ms": preprocess_ms + generation_ms}
+
+
+def agreement(picks: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of steps whose teacher-forced greedy pick [B,N] equals the reference token [B,N]."""
+    return float((picks == reference).float().mean())
+
+
+def first_divergence(tokens: torch.Tensor, reference: torch.Tensor) -> int | None:
+    """First step where free-running generation [B,N] leaves the reference [B,N] in any row (None: never)."""
+    diff = (tokens != reference).any(dim=0).nonzero()
+    return int(diff[0]) if len(diff) else None
+
+
+def fits_in_memory(model, device: torch.device, factor: float) -> bool:
+    """Whether `factor` x this model's parameter bytes fit in the free memory of `device`."""
+    need = factor * sum(p.numel() for p in model.parameters()) * 4  # as fp32
+    if device.type == "cuda":
+        return need < torch.cuda.mem_get_info(device)[0]
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return need < int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return True
+
+
+# ----------------------------------------------------------------------------- the sweep
+def _sized_options(name: str, batches: tuple[int, ...], max_seq: int) -> dict:
+    """Constructor options that size a runtime to the sweep (graphs per measured batch size)."""
+    if name == "compiled":
+        return {"max_batch": max(batches), "max_seq": max_seq, "batch_buckets": tuple(sorted(batches))}
+    return {}
+
+
+def make_runner(name: str, cfg: BenchConfig, loaded, max_seq: int):
+    if name in HF_RUNTIMES:
+        return HFRunner(name, loaded)
+    options = {**_sized_options(name, cfg.batches, max_seq), **cfg.runtime_options.get(name, {})}
+    return VlmrtRunner(name, loaded, options)
+
+
+def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> tuple[dict | None, list[str]]:
+    """Eager fp32 greedy tokens per batch size [B,N], the yardstick of `agreement`."""
+    if not cfg.agreement:
+        return None, ["agreement not measured (turned off)"]
+    if loaded.model is None:
+        return None, ["agreement not measured: an ONNX export has no eager model to compare with"]
+    ref = loaded
+    if loaded.dtype != torch.float32:
+        if not fits_in_memory(loaded.model, loaded.device, 1.3):
+            return None, ["agreement not measured: an fp32 copy of the model does not fit beside it"]
+        log("loading an fp32 copy of the model for the reference tokens")
+        ref = load_model(cfg.model, device=cfg.device, dtype="fp32", seed=cfg.seed)
+    runner, refs = VlmrtRunner("eager", ref, {}), {}
+    for b, work in works.items():
+        log(f"reference: eager fp32 greedy, batch {b}")
+        refs[b] = runner.generate(preprocess(processor, work, loaded.device)[0], cfg.new_tokens)[1]
+    del runner, ref
+    _free_memory(loaded.device)
+    return refs, []
+
+
+def bench_runtime(name: str, cfg: BenchConfig, loaded, processor, works: dict, refs, log) -> list[dict]:
+    """All batch sizes of one runtime; a runtime that cannot run here gives rows with `error`."""
+    max_seq = max(w.prompt_tokens for w in works.values()) + cfg.new_tokens
+    try:
+        runner = make_runner(name, cfg, loaded, max_seq)
+    except VlmrtError as e:
+        log(f"{name}: cannot run: {e}")
+        return [_error_row(name, b, w, cfg, e) for b, w in works.items()]
+    rows = []
+    for b, work in works.items():
+        try:
+            m = measure(runner, processor, work, cfg, loaded.device, lambda msg: log(f"{name} batch {b}: {msg}"))
+        except VlmrtError as e:
+            log(f"{name} batch {b}: cannot run: {e}")
+            rows.append(_error_row(name, b, work, cfg, e))
+            continue
+        row = {"runtime": name, "batch": b, "prompt_tokens": work.prompt_tokens, "new_tokens": cfg.new_tokens,
+               **m["row"], "agreement": None, "first_divergence": None, "error": None}
+        if refs is not None:
+            row["agreement"] = agreement(runner.predict(m["batch"], refs[b]), refs[b])
+            row["first_divergence"] = first_divergence(m["tokens"], refs[b])
+        log(f"{name} batch {b}: {row['decode_ms_per_token']:.2f} ms/token, {row['tokens_per_s']:.1f} tokens/s")
+        rows.append(row)
+    del runner
+    _free_memory(loaded.device)
+    return rows
+
+
+def _error_row(name: str, b: int, work: Workload, cfg: BenchConfig, e: Exception) -> dict:
+    return {**{c: None for c in COLUMNS}, "runtime": name, "batch": b, "prompt_tokens": work.prompt_tokens,
+            "new_tokens": cfg.new_tokens, "error": str(e)}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_X = end-to-end time of X / this runtime's, at the same batch size (same work)."""
+    base = {(r["runtime"], r["batch"]): r["e2e_ms"] for r in rows if r["error"] is None}
+    for r in rows:
+        for other in ("hf", "eager"):
+            theirs = base.get((other, r["batch"]))
+            ok = r["error"] is None and theirs is not None
+            r[f"speedup_vs_{other}"] = theirs / r["e2e_ms"] if ok else None
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_bench(cfg: BenchConfig, log=None) -> dict:
+    """Measure every runtime at every batch size; write results.json, results.csv and results.png
+    into `cfg.out`; return {"meta": ..., "rows": [...]}.
+
+    Args:
+        cfg: what to measure (see BenchConfig).
+        log: progress callback taking one line (default: stderr).
+    """
+    log = log or (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+    check_config(cfg)
+    log(f"loading {cfg.model} ({cfg.dtype}, {cfg.device})")
+    loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    processor = Processor(loaded.spec, loaded.tokenizer)
+    question, ids = build_prompt(processor, cfg.prompt_tokens)
+    works = {b: make_workload(processor, b, question, ids) for b in sorted(set(cfg.batches))}
+    need = next(iter(works.values())).prompt_tokens + cfg.new_tokens
+    if need > loaded.max_context:
+        raise VlmrtError(f"prompt + --new-tokens is {need} tokens, above the model's context of "
+                         f"{loaded.max_context}; lower --new-tokens or --prompt-tokens")
+    refs, notes = reference_tokens(cfg, loaded, processor, works, log)
+    rows = [r for name in cfg.runtimes for r in bench_runtime(name, cfg, loaded, processor, works, refs, log)]
+    add_speedups(rows)
+    result = {"meta": metadata(cfg, loaded, notes), "rows": rows}
+    write_outputs(result, Path(cfg.out), log)
+    return result
+
+
+# ----------------------------------------------------------------------------- output
+def metadata(cfg: BenchConfig, loaded, notes: list[str]) -> dict:
+    import transformers
+
+    if loaded.device.type == "cuda":
+        machine = torch.cuda.get_device_name(loaded.device)
+    else:
+        machine = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if loaded.synthetic:
+        notes = [*notes, f"{loaded.name} runs on synthetic weights: timings and agreement are real, the text is meaningless"]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine, "torch": torch.__version__, "transformers": transformers.__version__,
+        "vlmrt_commit": commit, "model": loaded.name, "family": loaded.family, "synthetic_weights": loaded.synthetic,
+        "config": {**asdict(cfg), "runtime_options": {k: dict(v) for k, v in cfg.runtime_options.items()}},
+        "command": _command(), "notes": notes,
+    }
+
+
+def _command() -> str | None:
+    """The command line, when this process is the `vlmrt` CLI."""
+    prog = Path(sys.argv[0]).name if sys.argv else ""
+    return "vlmrt " + " ".join(sys.argv[1:]) if prog in ("vlmrt", "__main__.py", "cli.py") else None
+
+
+def write_outputs(result: dict, out: Path, log) -> None:
+    """results.json, results.csv and (with matplotlib) results.png in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: r.get(c) for c in COLUMNS} for r in result["rows"])
+    try:
+        import matplotlib
+    except ImportError:
+        log("note: matplotlib is not installed, no results.png (pip install 'vlmrt[bench]')")
+        return
+    matplotlib.use("Agg")
+    plot(result, out / "results.png")
+    log(f"wrote {out / 'results.json'}, results.csv and results.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Left: tokens/s vs batch size per runtime. Right: latency breakdown at the smallest batch."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["error"] is None]
+    names = list(dict.fromkeys(r["runtime"] for r in rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in names:
+        mine = sorted((r for r in rows if r["runtime"] == name), key=lambda r: r["batch"])
+        left.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=name)
+    left.set(xlabel="batch size", ylabel="tokens/s (generated)", title="throughput")
+    left.legend()
+    b = min((r["batch"] for r in rows), default=1)
+    at_b = [r for r in rows if r["batch"] == b]
+    bottom = [0.0] * len(at_b)
+    parts = (("preprocess", lambda r: r["preprocess_ms"]), ("vision", lambda r: r["vision_ms"]),
+             ("prefill", lambda r: r["prefill_ms"]), ("decode", lambda r: r["e2e_ms"] - r["preprocess_ms"] - r["ttft_ms"]))
+    for label, get in parts:
+        values = [get(r) for r in at_b]
+        right.bar([r["runtime"] for r in at_b], values, bottom=bottom, label=label)
+        bottom = [x + y for x, y in zip(bottom, values)]
+    right.set(ylabel="ms", title=f"end-to-end latency at batch {b}, {result['meta']['config']['new_tokens']} new tokens")
+    right.legend()
+    meta = result["meta"]
+    fig.suptitle(f"{meta['model']} {meta['config']['dtype']} on {meta['machine']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results as a Markdown table (pastes into bench/RESULTS.md)."""
+    head = ("runtime", "batch", "preproc ms", "vision ms", "prefill ms", "TTFT ms", "decode ms/tok", "tok/s",
+            "e2e ms", "peak MiB", "warm-up s", "x hf", "x eager", "agree")
+    keys = ("runtime", "batch", "preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token",
+            "tokens_per_s", "e2e_ms", "peak_mem_mib", "warmup_s", "speedup_vs_hf", "speedup_vs_eager", "agreement")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["error"] is not None:
+            lines.append(f"| {r['runtime']} | {r['batch']} | error: {r['error']} |")
+            continue
+        lines.append("| " + " | ".join(_cell(k, r[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _cell(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str) or key == "batch":
+        return str(v)
+    if key.startswith("speedup"):
+        return f"{v:.2f}x"
+    if key == "agreement":
+        return f"{100 * v:.1f}%"
+    return f"{v:.2f}" if key == "decode_ms_per_token" else f"{v:.1f}"
+
+
+# ----------------------------------------------------------------------------- CLI
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise VlmrtError(f"--batch takes comma-separated integers, e.g. 1,2,4; got {text!r}") from None
+
+
+def add_bench_args(p) -> None:
+    p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a release folder")
+    p.add_argument("--runtime", default="eager,compiled,hf",
+                   help="comma-separated: eager, compiled, onnx, hf (transformers generate), hf-compiled (default eager,compiled,hf)")
+    p.add_argument("--batch", default="1,2,4,8,10", help="comma-separated batch sizes (default 1,2,4,8,10)")
+    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row, stops ignored (default 256)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="text tokens per prompt, image tokens on top (default: the chat template with a short question)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="default fp32")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per runtime and batch; medians reported (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="discarded runs first; compile happens here (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (default 0)")
+    p.add_argument("--no-agreement", action="store_true", help="skip the token comparison with eager fp32")
+    p.add_argument("--out", required=True, help="folder for results.json, results.csv, results.png")
+
+
+def cmd_bench(args) -> int:
+    """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size."""
+    cfg = BenchConfig(
+        model=args.model, out=args.out, runtimes=tuple(x.strip() for x in args.runtime.split(",") if x.strip()),
+        batches=_int_list(args.batch), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+        dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+        agreement=not args.no_agreement,
+    )
+    result = run_bench(cfg)
+    for note in result["meta"]["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(format_table(result["rows"]))
+    return 0

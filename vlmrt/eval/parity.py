@@ -1,0 +1,268 @@
+"""Runtime parity report: run several runtimes on the same weights and inputs, compare with the first.
+
+```
+ one LoadedModel ─► runtime 0 (reference) ─► vision ─► embedding ─► prefill ─► greedy tokens, logits
+                 ├► runtime 1 ──────────────► same, compared with the reference
+                 └► runtime 2 ...
+```
+
+Per image and runtime (N = new tokens, decoding greedy with stop tokens off, so every run is N long):
+
+- `agreement`: fraction of the N greedy tokens equal to the reference's, position by position;
+  `first_divergence`: index of the first differing token (None when all agree). Each runtime
+  runs the shared generation loop (`vlmrt.generate.generate`) on its own.
+- `logits`: max / mean absolute logit error over the N steps, teacher-forced: both runtimes are fed
+  the reference's tokens, so step i's logits answer the same question in both (a free-running
+  runtime that diverged would be compared on different histories).
+- `stages`: each stage's own output error, the stage fed the reference's inputs: `vision`
+  (image_features from the same pixel_values), `embedding` (inputs_embeds from the same ids and
+  the reference's image features), `prefill_logits` (logits [T,V] from the reference's embeddings).
+
+Errors are reported as max_abs, mean_abs and rel (max_abs / max |reference|), in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import torch
+
+from vlmrt.errors import VlmrtError
+from vlmrt.eval.images import list_images
+from vlmrt.generate import decode_one_token, generate, prefill, prompt_positions, split_embedded
+
+DEFAULT_PROMPT = "Describe this image."
+
+
+def build_runtimes(loaded, names: list[str]) -> dict[str, object]:
+    """One runtime per name, all on the same loaded weights; repeated names get `#2`, `#3` labels."""
+    from vlmrt.runtimes import runtime_class
+
+    if len(names) < 2:
+        raise VlmrtError(f"parity needs at least two runtimes, e.g. --runtimes eager,onnx; got {','.join(names) or 'none'}")
+    runtimes: dict[str, object] = {}
+    for name in names:
+        label, k = name, 1
+        while label in runtimes:
+            k += 1
+            label = f"{name}#{k}"
+        runtimes[label] = runtime_class(name)(loaded)
+    return runtimes
+
+
+def tensor_error(ref, other) -> dict:
+    """max_abs, mean_abs and rel (max_abs over the reference's max magnitude) between two tensors,
+    or between two dicts of named tensors (the worst entry counts)."""
+    if isinstance(ref, dict):
+        errs = [tensor_error(ref[k], other[k]) for k in ref if torch.is_tensor(ref[k])]
+        return max(errs, key=lambda e: e["max_abs"])
+    a, b = ref.detach().float().cpu(), torch.as_tensor(other).detach().float().cpu()
+    if a.dim() == 3 and b.dim() == 3 and a.shape[1] != b.shape[1]:  # a decoder may return only the last position
+        k = min(a.shape[1], b.shape[1])
+        a, b = a[:, -k:], b[:, -k:]
+    if a.shape != b.shape:
+        raise VlmrtError(f"output shapes differ: reference {tuple(a.shape)}, other {tuple(b.shape)}")
+    d = (a - b).abs()
+    scale = a.abs().max().item() or 1.0
+    return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "rel": d.max().item() / scale}
+
+
+def _vision_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values", "position_ids")}
+
+
+def stage_outputs(runtime, batch: dict, steps: int, ref: dict | None = None) -> dict:
+    """Each stage's output on `runtime`; with `ref` (the reference's outputs), each stage gets the
+    reference's inputs, so the error measured is that stage's own."""
+    features = runtime.encode_images(batch["pixel_values"], **_vision_inputs(batch))
+    embedded = runtime.embed(batch["input_ids"], ref["vision"] if ref else features)
+    inputs_embeds, extras = split_embedded(ref["embedding"] if ref else embedded)
+    b, t = batch["input_ids"].shape
+    runtime.start(b, t + steps)
+    mask = torch.zeros(b, t + steps, dtype=torch.long)
+    mask[:, :t] = batch["attention_mask"]
+    logits = runtime.decode(inputs_embeds, prompt_positions(batch), mask, torch.arange(t), **extras)
+    runtime.synchronize()
+    return {"vision": features, "embedding": embedded, "prefill_logits": logits}
+
+
+def forced_logits(runtime, batch: dict, tokens: list[int]) -> torch.Tensor:
+    """Logits [N,V] (fp32, CPU) of a single-row batch at each of N steps, feeding `tokens` (the
+    reference's) instead of the runtime's own picks: step 0 is the prefill's last position, step i
+    follows tokens[:i]. Mirrors the slot and position bookkeeping of `generate`."""
+    input_ids = batch["input_ids"]
+    b, t = input_ids.shape
+    n = len(tokens)
+    runtime.start(b, t + n)
+    mask = torch.zeros(b, t + n, dtype=torch.long)
+    mask[:, :t] = batch["attention_mask"]
+    positions = prompt_positions(batch)
+    position = positions.amax(dim=tuple(range(positions.dim() - 2))) if positions.dim() > 2 else positions
+    position = position[:, -1].expand(positions.shape[:-1])  # [...,B]: last prompt position
+    features = runtime.encode_images(batch["pixel_values"], **_vision_inputs(batch))
+    logits = prefill(runtime, runtime.embed(input_ids, features), mask, positions)
+    out = [logits.float().cpu()]
+    for i, token in enumerate(tokens[:-1]):
+        slot = t + i
+        mask[:, slot] = 1
+        position = position + 1
+        logits = decode_one_token(runtime, torch.tensor([token]), position, mask, slot)
+        out.append(logits.float().cpu())
+    runtime.synchronize()
+    return torch.cat(out)  # [N,V]
+
+
+def token_agreement(ref: list[int], other: list[int]) -> tuple[float, int | None]:
+    """(fraction of positions with equal tokens over the longer length, first differing index or None)."""
+    n = max(len(ref), len(other))
+    if n == 0:
+        return 1.0, None
+    same = [i < len(ref) and i < len(other) and ref[i] == other[i] for i in range(n)]
+    first = next((i for i, s in enumerate(same) if not s), None)
+    return sum(same) / n, first
+
+
+def compare_image(loaded, processor, runtimes: dict, image, prompt: str, new_tokens: int) -> dict:
+    """The per-image report: reference tokens, then agreement, logit and stage errors per runtime."""
+    from vlmrt.config import GenerationConfig
+
+    batch = processor([image], [prompt])
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=processor.pad_token_id)  # greedy, no stops
+    names = list(runtimes)
+    ref_rt = runtimes[names[0]]
+    ref_tokens = generate(ref_rt, batch, cfg, loaded.tokenizer).token_ids[0]
+    ref_logits = forced_logits(ref_rt, batch, ref_tokens)
+    ref_stages = stage_outputs(ref_rt, batch, new_tokens)
+    report = {"reference_tokens": ref_tokens, "runtimes": {}}
+    for name in names[1:]:
+        rt = runtimes[name]
+        tokens = generate(rt, batch, cfg, loaded.tokenizer).token_ids[0]
+        agreement, first = token_agreement(ref_tokens, tokens)
+        logits = forced_logits(rt, batch, ref_tokens)
+        d = (ref_logits - logits).abs()  # [N,V]
+        stages = stage_outputs(rt, batch, new_tokens, ref=ref_stages)
+        report["runtimes"][name] = {
+            "tokens": tokens,
+            "agreement": agreement,
+            "first_divergence": first,
+            "logits": {"max_abs": d.max().item(), "mean_abs": d.mean().item(),
+                       "per_step_max_abs": d.amax(dim=-1).tolist()},
+            "stages": {k: tensor_error(ref_stages[k], stages[k]) for k in ref_stages},
+        }
+    return report
+
+
+def overall(images: list[dict], names: list[str]) -> dict:
+    """Per runtime, over all images: pooled agreement, images identical, worst errors."""
+    out = {}
+    for name in names:
+        rows = [im["runtimes"][name] for im in images if "runtimes" in im]
+        if not rows:
+            continue
+        total = sum(len(r["tokens"]) or 1 for r in rows)
+        divs = [r["first_divergence"] for r in rows if r["first_divergence"] is not None]
+        out[name] = {
+            "agreement": sum(r["agreement"] * (len(r["tokens"]) or 1) for r in rows) / total,
+            "images_identical": sum(r["first_divergence"] is None for r in rows),
+            "images": len(rows),
+            "earliest_divergence": min(divs) if divs else None,
+            "logits_max_abs": max(r["logits"]["max_abs"] for r in rows),
+            "logits_mean_abs": sum(r["logits"]["mean_abs"] for r in rows) / len(rows),
+            "stages_max_abs": {s: max(r["stages"][s]["max_abs"] for r in rows) for s in rows[0]["stages"]},
+        }
+    return out
+
+
+def _compare_folder(loaded, runtimes, names, root, prompt, new_tokens, progress) -> list[dict]:
+    """One report row per image; an unreadable image gets a row with its error."""
+    from tqdm.auto import tqdm
+
+    from vlmrt.processor import Processor, load_image
+
+    processor = Processor(loaded.spec, loaded.tokenizer)
+    rows = []
+    for name in tqdm(names, unit="img", desc="parity", disable=not progress, file=sys.stderr):
+        try:
+            image = load_image(os.path.join(root, name))
+        except VlmrtError as e:
+            rows.append({"image": name, "error": str(e)})
+            continue
+        rows.append({"image": name, **compare_image(loaded, processor, runtimes, image, prompt, new_tokens)})
+    return rows
+
+
+def parity_report(
+    loaded,
+    runtimes: dict[str, object],
+    images_dir: str | os.PathLike,
+    prompt: str = DEFAULT_PROMPT,
+    new_tokens: int = 16,
+    recursive: bool = False,
+    min_agreement: float | None = None,
+    progress: bool = False,
+) -> dict:
+    """Compare `runtimes` (label -> runtime; the first is the reference) image by image.
+
+    Args:
+        loaded: the `LoadedModel` every runtime was built from (tokenizer and processor spec).
+        runtimes: at least two runtimes, e.g. from `build_runtimes(loaded, ["eager", "onnx"])`.
+        images_dir: the image folder; unreadable images are recorded and skipped.
+        prompt: the question asked of every image.
+        new_tokens: greedy tokens per image (stop tokens off, so every run has exactly this many).
+        recursive: also use images in subfolders.
+        min_agreement: when given, `passed` is False if any runtime's overall agreement is below it.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        {"model", "reference", "runtimes", "prompt", "new_tokens", "images": [...], "overall": {...},
+         "min_agreement", "passed"}; see the module docstring for the measures.
+    """
+    if len(runtimes) < 2:
+        raise VlmrtError("parity needs at least two runtimes to compare")
+    if new_tokens < 1:
+        raise VlmrtError(f"--new-tokens must be at least 1, got {new_tokens}")
+    root = images_dir
+    rows = _compare_folder(loaded, runtimes, list_images(root, recursive), root, prompt, new_tokens, progress)
+    labels = list(runtimes)
+    summary = overall(rows, labels[1:])
+    if not summary:
+        raise VlmrtError(f"no image in {root} could be read; see the errors: {rows[0]['error']}")
+    passed = min_agreement is None or all(s["agreement"] >= min_agreement for s in summary.values())
+    return {
+        "model": loaded.name, "synthetic_weights": loaded.synthetic, "reference": labels[0],
+        "runtimes": labels, "prompt": prompt, "new_tokens": new_tokens, "images_dir": str(root),
+        "images": rows, "overall": summary, "min_agreement": min_agreement, "passed": passed,
+    }
+
+
+def _g(x: float) -> str:
+    return f"{x:.2e}"
+
+
+def markdown(report: dict) -> str:
+    """The report as two markdown tables: per image, then overall."""
+    head = ("| image | runtime | agreement | first divergence | logits max | logits mean "
+            "| vision max | embedding max | prefill max |")
+    lines = [f"Parity vs `{report['reference']}` on {report['model']}, {report['new_tokens']} greedy tokens per image",
+             "", head, "|" + "---|" * 9]
+    for im in report["images"]:
+        if "error" in im:
+            lines.append(f"| {im['image']} | (unreadable) | | | | | | | |")
+            continue
+        for name, r in im["runtimes"].items():
+            s = r["stages"]
+            div = "-" if r["first_divergence"] is None else str(r["first_divergence"])
+            lines.append(f"| {im['image']} | {name} | {r['agreement']:.3f} | {div} | {_g(r['logits']['max_abs'])} "
+                         f"| {_g(r['logits']['mean_abs'])} | {_g(s['vision']['max_abs'])} "
+                         f"| {_g(s['embedding']['max_abs'])} | {_g(s['prefill_logits']['max_abs'])} |")
+    lines += ["", "| runtime | agreement | identical images | earliest divergence | logits max | logits mean |",
+              "|" + "---|" * 6]
+    for name, o in report["overall"].items():
+        div = "-" if o["earliest_divergence"] is None else str(o["earliest_divergence"])
+        lines.append(f"| {name} | {o['agreement']:.3f} | {o['images_identical']}/{o['images']} | {div} "
+                     f"| {_g(o['logits_max_abs'])} | {_g(o['logits_mean_abs'])} |")
+    if report["min_agreement"] is not None:
+        verdict = "PASS" if report["passed"] else "FAIL"
+        lines += ["", f"{verdict}: minimum agreement {report['min_agreement']}"]
+    return "\n".join(lines)

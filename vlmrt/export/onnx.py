@@ -1,0 +1,399 @@
+"""Export a model's three stages to ONNX graphs, plus the manifest, tokenizer and processor spec.
+
+```
+ LoadedModel ─► for stage in (vision, embedding, decoder):
+                  default StageIO (example inputs by name + dynamic axes)
+                  └► model.export_io(stage, io)      optional family hook (see below)
+                  └► StageModule(model, stage, names) forward(*tensors) ─► tuple of outputs
+                  └► torch.onnx.export ─► prune unused initializers ─► <stage>.onnx + .onnx.data
+                  └► onnx.checker (by path, so external data is checked too)
+                  the stage's outputs at the example feed the next stage's example
+             ─► tokenizer.save_pretrained ─► manifest.json (written last)
+```
+
+Graph I/O (names from vlmrt/stages.py; dimension names as in the shape comments):
+
+```
+ vision     pixel_values [batch,3,H,W]                       ─► image_features [batch,image_tokens,D]
+ embedding  input_ids [batch,sequence], image_features       ─► inputs_embeds [batch,sequence,D]
+ decoder    inputs_embeds [batch,sequence,D], position_ids [batch,sequence],
+            attention_mask [batch,total_sequence], past_key_values.{i}.key|value [batch,H_kv,past_sequence,hd]
+            ─► logits [batch,sequence,V], present.{i}.key|value [batch,H_kv,total_sequence,hd]
+```
+
+The decoder runs on a `ConcatKVCache` (presents = pasts + the new tokens), and its cache slots are
+`past_sequence + arange(sequence)`, so one graph serves prefill (past_sequence = 0) and decode
+(sequence = 1). The embedding graph is called with image_tokens = 0 for text only (decode steps).
+
+Family hook: a family's model class may define `export_io(self, stage, io) -> StageIO | None`.
+It receives the default `StageIO` of a stage (example inputs, dynamic axes) and may add inputs,
+replace examples or declare axes; it returns the new StageIO or None after editing it in place.
+Inputs beyond the defaults reach the stage call by keyword: `encode_images(pixel_values, **extra)`,
+`decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, **extra)`; a stage that
+returns a dict gets one graph output per key. Examples (not code here):
+- SliMM: `embed` returns {inputs_embeds, deepstack_embeds}; the extra output becomes a decoder input
+  of the same name automatically; the hook declares its axes and, for M-RoPE, sets
+  `io.inputs["position_ids"]` to a [3,B,T] example with axes {1: "batch", 2: "sequence"}.
+- MiniCPM-V-2: the vision hook gives `pixel_values` axes {0: "slices"} and adds its slice inputs.
+At run time an input the caller leaves out is fed as zeros whose named dimensions take the sizes
+known at that call (batch, sequence, past_sequence, total_sequence) and 0 otherwise, so a family's
+extra inputs must treat zeros (or an empty axis) as "nothing to add". MiniGPT-4 needs no hook.
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. It exports our compact
+modules in about a second (the dynamo exporter takes ~10 s for the tiny decoder on 2 cores and
+would make the test session slow), works the same on torch 2.11 and 2.13, takes dynamic axes by
+name, and names nodes by module path (`/llama_model/model/layers.0/self_attn/q_proj/MatMul`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from vlmrt.errors import VlmrtError
+from vlmrt.export.manifest import MANIFEST, Manifest, StageInfo, TensorInfo, write_manifest
+from vlmrt.kv_cache import ConcatKVCache
+from vlmrt.stages import (ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES,
+                          POSITION_IDS, STAGES, past_key_name, past_value_name, present_key_name, present_value_name)
+
+DEFAULT_OPSET = 17
+EXPORT_DTYPES = ("fp32", "fp16")
+EXTERNAL_MIN_BYTES = 1024  # tensors this large or larger go to <stage>.onnx.data
+
+DEFAULT_AXES = {  # name -> {axis: dimension name}; a family's hook may override any of them
+    PIXEL_VALUES: {0: "batch"},
+    IMAGE_FEATURES: {0: "batch", 1: "image_tokens"},
+    INPUT_IDS: {0: "batch", 1: "sequence"},
+    INPUTS_EMBEDS: {0: "batch", 1: "sequence"},
+    POSITION_IDS: {0: "batch", 1: "sequence"},
+    ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
+    LOGITS: {0: "batch", 1: "sequence"},
+}
+PAST_AXES = {0: "batch", 2: "past_sequence"}  # past_key_values.{i}.key|value
+PRESENT_AXES = {0: "batch", 2: "total_sequence"}  # present.{i}.key|value
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class StageIO:
+    """Example inputs of one stage, by graph input name in order, and the dynamic axes by name."""
+
+    inputs: dict[str, torch.Tensor]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # inputs and outputs
+
+
+def print_progress(message: str) -> None:
+    print(f"vlmrt export: {message}", file=sys.stderr, flush=True)
+
+
+def axes_for(name: str, known: dict) -> dict[int, str]:
+    """Dynamic axes of a graph input or output: declared ones first, then the defaults."""
+    if name in known:
+        return known[name]
+    if name.startswith("past_key_values."):
+        return PAST_AXES
+    if name.startswith("present."):
+        return PRESENT_AXES
+    return DEFAULT_AXES.get(name, {})
+
+
+# ----------------------------------------------------------------------------- stage modules
+def _flatten(out, default_name: str) -> tuple[list[str], list[torch.Tensor]]:
+    if isinstance(out, dict):
+        return list(out), list(out.values())
+    return [default_name], [out]
+
+
+class StageModule(nn.Module):
+    """One stage of `model` with a positional forward over named inputs, for tracing.
+
+    The whole model is held (no copy); the initializers the stage does not use are pruned from
+    the graph after export, so the vision graph carries no LLM weights.
+    """
+
+    def __init__(self, model: nn.Module, stage: str, names: list[str], upstream_names: list[str]):
+        super().__init__()
+        self.model, self.stage, self.names = model, stage, names
+        self.upstream_names = upstream_names  # the vision outputs, which `embed` takes as one argument
+        self.output_names: list[str] = []
+
+    def forward(self, *tensors):
+        named = dict(zip(self.names, tensors))
+        names, outs = getattr(self, f"_{self.stage}")(named)
+        self.output_names = names
+        return tuple(outs)
+
+    def _vision(self, named):
+        return _flatten(self.model.encode_images(named.pop(PIXEL_VALUES), **named), IMAGE_FEATURES)
+
+    def _embedding(self, named):
+        ids = named.pop(INPUT_IDS)
+        feats = {k: named.pop(k) for k in self.upstream_names if k in named}
+        arg = feats.get(IMAGE_FEATURES) if list(feats) == [IMAGE_FEATURES] else feats
+        return _flatten(self.model.embed(ids, arg, **named), INPUTS_EMBEDS)
+
+    def _decoder(self, named):
+        embeds, positions, mask = named.pop(INPUTS_EMBEDS), named.pop(POSITION_IDS), named.pop(ATTENTION_MASK)
+        n = self.model.num_layers
+        keys = [named.pop(past_key_name(i)) for i in range(n)]  # each [B,H_kv,P,hd]
+        values = [named.pop(past_value_name(i)) for i in range(n)]
+        cache = ConcatKVCache(keys, values)
+        cache_position = torch.arange(embeds.shape[1], device=embeds.device) + keys[0].shape[2]  # [T]: P..P+T-1
+        logits = self.model.decode(embeds, positions, mask, cache_position, cache, **named)
+        names, outs = [LOGITS], [logits]
+        for i in range(n):
+            names += [present_key_name(i), present_value_name(i)]
+            outs += [cache.keys[i], cache.values[i]]  # [B,H_kv,P+T,hd]
+        return names, outs
+
+
+# ----------------------------------------------------------------------------- example inputs
+def default_io(stage: str, loaded, upstream: dict[str, torch.Tensor]) -> StageIO:
+    """The example inputs of `stage` for any family; `upstream` holds the previous stage's outputs."""
+    m, dtype, dev = loaded.model, loaded.dtype, loaded.device
+    if stage == "vision":
+        s = loaded.spec.image_size
+        gen = torch.Generator().manual_seed(0)
+        return StageIO({PIXEL_VALUES: torch.randn(2, 3, s, s, generator=gen).to(dev, dtype)})
+    if stage == "embedding":
+        n = loaded.spec.num_image_tokens
+        row = [1] + [loaded.spec.image_token_id] * n + [3, 4, 5]
+        ids = torch.tensor([row, [1, 6] + row[1:-1]], device=dev)  # [2,T]: two rows, different text
+        return StageIO({INPUT_IDS: ids, **upstream})
+    embedded = dict(upstream)  # the embedding stage's outputs: inputs_embeds [2,T,D] (+ extras)
+    embeds = embedded.pop(INPUTS_EMBEDS)
+    b, t = embeds.shape[:2]
+    past = 4  # a non-empty past, so the trace covers the concatenation
+    gen = torch.Generator().manual_seed(1)
+    kv = lambda: torch.randn(b, m.num_kv_heads, past, m.head_dim, generator=gen).to(dev, dtype)  # [B,H_kv,P,hd]
+    inputs = {INPUTS_EMBEDS: embeds, POSITION_IDS: torch.arange(past, past + t, device=dev)[None].expand(b, -1),
+              ATTENTION_MASK: torch.ones(b, past + t, dtype=torch.long, device=dev), **embedded}
+    for i in range(m.num_layers):
+        inputs[past_key_name(i)], inputs[past_value_name(i)] = kv(), kv()
+    return StageIO(inputs)
+
+
+# ----------------------------------------------------------------------------- one graph
+def _drop_unused_initializers(graph) -> int:
+    """Remove initializers no node reads (e.g. LLM weights seen by the vision trace); returns bytes kept."""
+    used = set(o.name for o in graph.output)
+
+    def visit(g):
+        for node in g.node:
+            used.update(node.input)
+            for attr in node.attribute:  # subgraphs of If / Loop
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+
+    visit(graph)
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return sum(_tensor_bytes(t) for t in keep)
+
+
+def _tensor_bytes(t) -> int:
+    from onnx import helper
+
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def _move_weights_out(proto, src: Path, data_path: Path) -> bool:
+    """Write every initializer of EXTERNAL_MIN_BYTES or more into one file, `data_path`.
+
+    Tensors are inline, or (above 2 GB) in per-tensor files under `src` as the exporter leaves them;
+    they are moved one at a time, so memory never holds more than one weight. Offsets are aligned
+    (4 KiB for tensors of 1 MiB or more) so ONNX Runtime can map them. Returns True if any moved.
+    """
+    from onnx import TensorProto, numpy_helper
+    from onnx import external_data_helper as ext
+
+    offset = 0
+    with open(data_path, "wb") as f:
+        for t in proto.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                ext.load_external_data_for_tensor(t, str(src))
+            if _tensor_bytes(t) < EXTERNAL_MIN_BYTES:
+                continue
+            if not t.HasField("raw_data"):  # typed fields (float_data, ...) -> raw bytes
+                data = numpy_helper.to_array(t).tobytes()
+                for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    t.ClearField(name)
+                t.raw_data = data
+            pad = -offset % (4096 if len(t.raw_data) >= 2**20 else 64)
+            f.write(b"\0" * pad)
+            f.write(t.raw_data)
+            ext.set_external_data(t, data_path.name, offset + pad, len(t.raw_data))
+            offset += pad + len(t.raw_data)
+            t.data_location = TensorProto.EXTERNAL
+            t.ClearField("raw_data")
+    return offset > 0
+
+
+def _value_info(v) -> TensorInfo:
+    from onnx import helper
+
+    tt = v.type.tensor_type
+    shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim)
+    return TensorInfo(v.name, helper.tensor_dtype_to_np_dtype(tt.elem_type).name, shape)
+
+
+def export_stage(module: StageModule, io: StageIO, out: Path, opset: int, progress: Progress) -> StageInfo:
+    """Trace one stage to `out`/<stage>.onnx (+ .onnx.data), prune, save, check."""
+    import onnx
+
+    stage, names = module.stage, list(io.inputs)
+    axes = {k: axes_for(k, io.dynamic_axes) for k in names + module.output_names}
+    tmp = out / f".tmp-{stage}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
+        torch.onnx.export(module, tuple(io.inputs.values()), str(tmp / "graph.onnx"), dynamo=False,
+                          input_names=names, output_names=module.output_names,
+                          dynamic_axes={k: v for k, v in axes.items() if v}, opset_version=opset,
+                          do_constant_folding=True)
+    proto = onnx.load(str(tmp / "graph.onnx"), load_external_data=False)
+    kept = _drop_unused_initializers(proto.graph)
+    proto.producer_name = "vlmrt"
+    path, data = out / f"{stage}.onnx", f"{stage}.onnx.data"
+    for f in (path, out / data):
+        f.unlink(missing_ok=True)
+    if not _move_weights_out(proto, tmp, out / data):
+        (out / data).unlink()
+    onnx.save_model(proto, str(path))
+    shutil.rmtree(tmp, ignore_errors=True)
+    del proto
+    onnx.checker.check_model(str(path))  # by path: the external data is checked too
+    graph = onnx.load(str(path), load_external_data=False).graph
+    info = StageInfo(path.name, data if (out / data).exists() else None,
+                     tuple(_value_info(v) for v in graph.input), tuple(_value_info(v) for v in graph.output))
+    progress(f"{stage}: {path.name} written, {kept / 2**20:.1f} MiB of weights, "
+             f"{len(graph.node)} nodes, {time.perf_counter() - t0:.1f} s")
+    return info
+
+
+# ----------------------------------------------------------------------------- a whole model
+def config_hash(loaded) -> str:
+    """Short hash of the model's config (a preset edited since the export gets a new hash)."""
+    return hashlib.sha256(repr(loaded.config).encode()).hexdigest()[:16]
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """`out` must be absent or empty, unless `force` (then our files in it are overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise VlmrtError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise VlmrtError(f"--out {out} is not empty; choose an empty folder or pass --force to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is unfinished until the new manifest lands
+
+
+def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: bool = False,
+                 progress: Progress | None = print_progress) -> Manifest:
+    """Export a loaded model (a preset or a release) to `out`.
+
+    Args:
+        loaded: a `LoadedModel` with model code (not itself an export).
+        out: the export folder; created if absent.
+        opset: ONNX opset of the graphs.
+        force: write into a non-empty folder, overwriting an earlier export there.
+        progress: called with one line per step (None: silent).
+
+    Returns:
+        The manifest written to `out`/manifest.json.
+    """
+    from vlmrt import __version__
+    from vlmrt.config import DTYPES
+
+    if loaded.model is None:
+        raise VlmrtError(f"{loaded.name} is already an export; run it with `vlmrt run --model {loaded.name}`")
+    dtype = next((k for k, v in DTYPES.items() if v == loaded.dtype), str(loaded.dtype))
+    if dtype not in EXPORT_DTYPES:
+        raise VlmrtError(f"cannot export in {dtype}; use --dtype fp32 or fp16")
+    out, progress = Path(out), progress or (lambda _: None)
+    prepare_out(out, force)
+    model, stages, upstream, known_axes = loaded.model, {}, {}, {}
+    progress(f"{loaded.name} ({loaded.family}, {dtype}, opset {opset}) -> {out}")
+    for stage in STAGES:
+        io = default_io(stage, loaded, upstream)
+        hook = getattr(model, "export_io", None)
+        io = (hook(stage, io) or io) if hook else io
+        io.dynamic_axes = {**known_axes, **io.dynamic_axes}
+        module = StageModule(model, stage, list(io.inputs), list(upstream) if stage == "embedding" else [])
+        with torch.no_grad():
+            outputs = module(*io.inputs.values())
+        stages[stage] = export_stage(module, io, out, opset, progress)
+        known_axes.update({k: axes_for(k, io.dynamic_axes) for k in module.output_names})
+        upstream = {k: v.clone() for k, v in zip(module.output_names, outputs)}
+    tokenizer_files = _save_tokenizer(loaded.tokenizer, out)
+    m = model
+    manifest = Manifest(
+        name=loaded.name, family=loaded.family, synthetic=loaded.synthetic, seed=getattr(loaded, "seed", None),
+        config_hash=config_hash(loaded), dtype=dtype, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim, max_context=m.max_context, image_token_id=m.image_token_id, processor=loaded.spec,
+        stages=stages, tokenizer_files=tokenizer_files, vlmrt_version=__version__,
+        exporter=f"torch.onnx TorchScript exporter, torch {torch.__version__}", opset=opset,
+    )
+    write_manifest(out, manifest)
+    progress(f"done: {out / MANIFEST}")
+    return manifest
+
+
+def _save_tokenizer(tokenizer, out: Path) -> tuple[str, ...]:
+    files = tokenizer.save_pretrained(str(out))
+    return tuple(sorted(Path(f).name for f in files if Path(f).exists()))
+
+
+# ----------------------------------------------------------------------------- the export cache
+def cache_root() -> Path:
+    """$VLMRT_CACHE, else ~/.cache/vlmrt."""
+    return Path(os.environ.get("VLMRT_CACHE") or Path.home() / ".cache" / "vlmrt")
+
+
+def cache_folder(loaded) -> Path:
+    """exports/<preset>-<dtype>-seed<seed>-<vlmrt version> under the cache root (releases: folder
+    name plus a hash of its path)."""
+    from vlmrt import __version__
+    from vlmrt.config import DTYPES
+
+    dtype = next((k for k, v in DTYPES.items() if v == loaded.dtype), "x")
+    name = loaded.name
+    if not loaded.synthetic:
+        name = f"{Path(name).name}-{hashlib.sha256(str(Path(name).resolve()).encode()).hexdigest()[:8]}"
+    return cache_root() / "exports" / f"{name}-{dtype}-seed{getattr(loaded, 'seed', None) or 0}-{__version__}"
+
+
+def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
+    """The cached export of `loaded`, made now if missing, unfinished or stale (another vlmrt
+    version or an edited preset)."""
+    from vlmrt import __version__
+    from vlmrt.export.manifest import read_manifest
+
+    folder = cache_folder(loaded)
+    if (folder / MANIFEST).exists():
+        try:
+            m = read_manifest(folder)
+            if m.vlmrt_version == __version__ and m.config_hash == config_hash(loaded):
+                return folder
+        except VlmrtError:
+            pass
+        if progress:
+            progress(f"the cached export in {folder} is stale; rebuilding it")
+    export_model(loaded, folder, force=True, progress=progress)
+    return folder

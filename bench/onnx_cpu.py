@@ -90,10 +90,11 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="export folder (default: a temporary one, removed after)")
     ap.add_argument("--reuse", action="store_true", help="reuse the export in --out if it is of this model")
     ap.add_argument("--low-memory", action="store_true", help="hold one runtime at a time (no interleaving)")
+    ap.add_argument("--onnx-threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     args = ap.parse_args()
     threads = torch.get_num_threads()
     print(f"{args.preset} with {args.layers} decoder layers, fp32, batch 1, {args.new_tokens} new tokens, "
-          f"median of {args.runs}; torch threads {threads}", flush=True)
+          f"median of {args.runs}; torch threads {threads}, onnx threads {args.onnx_threads or 'all cores'}", flush=True)
 
     loaded = reduced_preset(args.family, args.preset, args.layers)
     n_params = sum(p.numel() for p in loaded.model.parameters())
@@ -107,9 +108,9 @@ def main() -> int:
         eager = measure({"eager": Pipeline(loaded, "eager")}, args.new_tokens, args.runs)["eager"]
         del loaded
         gc.collect()
-        onnx = measure({"onnx": Pipeline(load_export(out), "onnx")}, args.new_tokens, args.runs)["onnx"]
+        onnx = measure({"onnx": Pipeline(load_export(out), "onnx", {"threads": args.onnx_threads})}, args.new_tokens, args.runs)["onnx"]
     else:
-        pipes = {"eager": Pipeline(loaded, "eager"), "onnx": Pipeline(load_export(out), "onnx")}
+        pipes = {"eager": Pipeline(loaded, "eager"), "onnx": Pipeline(load_export(out), "onnx", {"threads": args.onnx_threads})}
         both = measure(pipes, args.new_tokens, args.runs)
         eager, onnx = both["eager"], both["onnx"]
     report(args, eager, onnx, n_params, export_s)

@@ -168,9 +168,11 @@ def test_manifest_from_another_format_version(export_copy, capsys, version, matc
 def test_preset_on_onnx_runtime_exports_to_the_cache_once(tmp_path, monkeypatch):
     from vlmrt.export.onnx import cache_folder, ensure_export
 
+    from vlmrt.runtimes.onnx import OnnxRuntime
+
     monkeypatch.setenv("VLMRT_CACHE", str(tmp_path))
     loaded = load_tiny("minigpt4-tiny")
-    folder = ensure_export(loaded, progress=None)
+    folder = OnnxRuntime(loaded).folder  # `--model minigpt4-tiny --runtime onnx`
     assert folder == cache_folder(loaded) and folder.parent == tmp_path / "exports"
     assert "minigpt4-tiny-fp32-seed0-" in folder.name
     stamp = (folder / "manifest.json").stat().st_mtime_ns

@@ -179,121 +179,6 @@ def teacher_forced(runtime, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack(picks, dim=1).cpu()  # [B,N]
 
 
-class HFRunner:
-    """Hugging Face transformers' generate on the same decoder weights, fed our vision and embedding
-    output as `inputs_embeds` (the comparison a user of transformers would make).
-
-    `hf-compiled` asks for transformers' static cache, which transformers compiles by itself on CUDA
-    (torch.compile of the forward); on CPU it runs the static cache uncompiled.
-    """
-
-    def __init__(self, name: str, loaded):
-        if loaded.model is None:
-            raise VlmrtError(f"{loaded.name} is an ONNX export; the hf baseline needs a preset or a release folder")
-        self.name, self.loaded = name, loaded
-        self.hf = hf_llama_like(find_llama_decoder(loaded.model), loaded.device)
-        self.static = name == "hf-compiled"
-        self.compile_s = None
-
-    def _sync(self):
-        if self.loaded.device.type == "cuda":
-            torch.cuda.synchronize(self.loaded.device)
-
-    def _gen_config(self, new_tokens: int):
-        from transformers import GenerationConfig as HFGenerationConfig
-
-        return HFGenerationConfig(
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-            bos_token_id=None, pad_token_id=0, cache_implementation="static" if self.static else None,
-        )
-
-    def generate(self, batch: dict, new_tokens: int) -> tuple[dict, torch.Tensor]:
-        from transformers import LogitsProcessorList
-
-        model, clock = self.loaded.model, _FirstLogits(self._sync)
-        self._sync()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            features = model.encode_images(batch["pixel_values"].to(self.loaded.dtype))
-            self._sync()
-            t_vision = time.perf_counter()
-            embeds = model.embed(batch["input_ids"], features)  # [B,T,D]
-            self.hf.generation_config = self._gen_config(new_tokens)
-            out = self.hf.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                   generation_config=self.hf.generation_config,
-                                   logits_processor=LogitsProcessorList([clock]))
-        self._sync()
-        t_end = time.perf_counter()
-        steps = new_tokens - 1
-        timings = {"vision_ms": (t_vision - t0) * 1e3, "prefill_ms": (clock.t - t_vision) * 1e3,
-                   "ttft_ms": (clock.t - t0) * 1e3, "decode_ms": (t_end - clock.t) * 1e3, "decode_steps": steps,
-                   "ms_per_token": (t_end - clock.t) * 1e3 / steps}
-        return timings, out[:, -new_tokens:].cpu()  # inputs_embeds only: generate returns the new tokens
-
-    def predict(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced greedy picks [B,N] from one forward over prompt + tokens[:, :-1]."""
-        model, t = self.loaded.model, batch["input_ids"].shape[1]
-        with torch.inference_mode():
-            features = model.encode_images(batch["pixel_values"].to(self.loaded.dtype))
-            ids = torch.cat([batch["input_ids"], tokens[:, :-1].to(batch["input_ids"].device)], dim=1)  # [B,T+N-1]
-            mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, t:])], dim=1)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.hf(inputs_embeds=model.embed(ids, features), attention_mask=mask, position_ids=positions).logits
-        return logits[:, t - 1:].argmax(-1).cpu()  # [B,N]
-
-
-class _FirstLogits:
-    """A logits processor that only notes when the first logits (the end of prefill) exist."""
-
-    def __init__(self, sync):
-        self.sync, self.t = sync, None
-
-    def __call__(self, input_ids, scores):
-        if self.t is None:
-            self.sync()
-            self.t = time.perf_counter()
-        return scores
-
-
-def find_llama_decoder(model):
-    """The model's decoder stage, if it is our plain Llama (the one transformers' Llama reproduces)."""
-    from vlmrt.models.layers import LlamaForCausalLM
-
-    for m in model.modules():
-        if type(m) is LlamaForCausalLM:
-            c = m.config
-            if c.residual_multiplier == 1.0 and c.logits_divisor == 1.0:
-                return m
-    raise VlmrtError("the hf baseline needs a plain Llama decoder (transformers' LlamaForCausalLM); "
-                     "this model's decoder is something else; leave hf out of --runtime")
-
-
-def hf_llama_like(decoder, device: torch.device):
-    """transformers.LlamaForCausalLM built from our DecoderConfig, holding our decoder's tensors.
-
-    Key names already match, so this is a strict `load_state_dict(assign=True)`: the HF model shares
-    the weights instead of copying them (a 7B decoder is 13.5 GB in fp16).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = decoder.config
-    cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings, rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_word_embeddings, attention_bias=c.qkv_bias, pad_token_id=0,
-    )
-    with torch.device("meta"):
-        hf = LlamaForCausalLM(cfg)
-    hf.load_state_dict(decoder.state_dict(), strict=True, assign=True)
-    with torch.device(device):  # non-persistent buffers (rotary inv_freq) are not in the state dict
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg)
-    left = [n for n, b in hf.named_buffers() if b.is_meta]
-    if left:
-        raise VlmrtError(f"internal: transformers' Llama has buffers we did not fill: {', '.join(left)}")
-    return hf.eval()
-
-
 # ----------------------------------------------------------------------------- measuring
 def reset_peak_memory(device: torch.device) -> None:
     """Start a peak-memory span: CUDA's max-allocated counter, or on CPU the process's peak RSS
@@ -319,25 +204,35 @@ def peak_memory_mib(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def measure(runner, processor, work: Workload, cfg: BenchConfig, device: torch.device, progress) -> dict:
-    """Warm up, then time `cfg.repeats` runs; return medians and the last run's tokens."""
-    reset_peak_memory(device)
-    compiled_before = runner.compile_s
-    warm_start = time.perf_counter()
-    for i in range(cfg.warmup):
-        progress(f"warm-up {i + 1}/{cfg.warmup}")
-        runner.generate(preprocess(processor, work, device)[0], cfg.new_tokens)
-    warmup_s = time.perf_counter() - warm_start if cfg.warmup else None
-    runs = []
-    for i in range(cfg.repeats):
-        progress(f"run {i + 1}/{cfg.repeats}")
-        batch, pre_ms = preprocess(processor, work, device)
-        timings, tokens = runner.generate(batch, cfg.new_tokens)
-        runs.append(_row_timings(timings, pre_ms, len(work.prompts), cfg.new_tokens))
-    row = {k: statistics.median(r[k] for r in runs) for k in TIMED}
-    compile_s = None if compiled_before is None else runner.compile_s - compiled_before  # this batch's new shapes
-    row.update(peak_mem_mib=peak_memory_mib(device), warmup_s=warmup_s, compile_s=compile_s)
-    return {"row": row, "tokens": tokens, "batch": batch}
+class Timed:
+    """One runtime at one batch size: its warm-up, its timed runs, its peak memory."""
+
+    def __init__(self, runner, work: Workload):
+        self.runner, self.work = runner, work
+        self.runs: list[dict] = []
+        self.peak_mib = 0.0
+        self.warmup_s = self.compile_s = None
+        self.tokens = self.batch = None
+
+    def run(self, processor, cfg: BenchConfig, device: torch.device, timed: bool) -> None:
+        reset_peak_memory(device)
+        batch, pre_ms = preprocess(processor, self.work, device)
+        timings, tokens = self.runner.generate(batch, cfg.new_tokens)
+        self.peak_mib = max(self.peak_mib, peak_memory_mib(device))
+        if timed:
+            self.runs.append(_row_timings(timings, pre_ms, len(self.work.prompts), cfg.new_tokens))
+            self.tokens, self.batch = tokens, batch
+
+    def warm_up(self, processor, cfg: BenchConfig, device: torch.device) -> None:
+        before, start = self.runner.compile_s, time.perf_counter()
+        for _ in range(cfg.warmup):
+            self.run(processor, cfg, device, timed=False)
+        self.warmup_s = time.perf_counter() - start if cfg.warmup else None
+        self.compile_s = None if before is None else self.runner.compile_s - before  # this batch's new shapes
+
+    def row(self) -> dict:
+        row = {k: statistics.median(r[k] for r in self.runs) for k in TIMED}
+        return {**row, "peak_mem_mib": self.peak_mib, "warmup_s": self.warmup_s, "compile_s": self.compile_s}
 
 
 def _row_timings(t: dict, preprocess_ms: float, batch: int, new_tokens: int) -> dict:
@@ -380,9 +275,20 @@ def _sized_options(name: str, batches: tuple[int, ...], max_seq: int) -> dict:
 
 def make_runner(name: str, cfg: BenchConfig, loaded, max_seq: int):
     if name in HF_RUNTIMES:
+        from vlmrt.bench_hf import HFRunner
+
         return HFRunner(name, loaded)
     options = {**_sized_options(name, cfg.batches, max_seq), **cfg.runtime_options.get(name, {})}
     return VlmrtRunner(name, loaded, options)
+
+
+def _make_or_error(name: str, cfg: BenchConfig, loaded, max_seq: int, log):
+    """The runner, or the VlmrtError that says why this runtime cannot run here (the sweep goes on)."""
+    try:
+        return make_runner(name, cfg, loaded, max_seq)
+    except VlmrtError as e:
+        log(f"{name}: cannot run: {e}")
+        return e
 
 
 def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> tuple[dict | None, list[str]]:
@@ -406,37 +312,52 @@ def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> t
     return refs, []
 
 
-def bench_runtime(name: str, cfg: BenchConfig, loaded, processor, works: dict, refs, log) -> list[dict]:
-    """All batch sizes of one runtime; a runtime that cannot run here gives rows with `error`."""
-    max_seq = max(w.prompt_tokens for w in works.values()) + cfg.new_tokens
-    try:
-        runner = make_runner(name, cfg, loaded, max_seq)
-    except VlmrtError as e:
-        log(f"{name}: cannot run: {e}")
-        return [_error_row(name, b, w, cfg, e) for b, w in works.items()]
-    rows = []
-    for b, work in works.items():
-        try:
-            m = measure(runner, processor, work, cfg, loaded.device, lambda msg: log(f"{name} batch {b}: {msg}"))
-        except VlmrtError as e:
-            log(f"{name} batch {b}: cannot run: {e}")
-            rows.append(_error_row(name, b, work, cfg, e))
+def sweep_batch(runners: dict, work: Workload, cfg: BenchConfig, processor, device, ref, log) -> list[dict]:
+    """All runtimes at one batch size. Timed runs go round-robin over the runtimes, so a machine
+    that gets busier or quieter meanwhile biases no runtime; each runtime warms up first."""
+    b, live, rows = len(work.prompts), {}, {}
+    for name, runner in runners.items():
+        if isinstance(runner, VlmrtError):
+            rows[name] = _error_row(name, work, cfg, runner)
             continue
-        row = {"runtime": name, "batch": b, "prompt_tokens": work.prompt_tokens, "new_tokens": cfg.new_tokens,
-               **m["row"], "agreement": None, "first_divergence": None, "error": None}
-        if refs is not None:
-            row["agreement"] = agreement(runner.predict(m["batch"], refs[b]), refs[b])
-            row["first_divergence"] = first_divergence(m["tokens"], refs[b])
-        log(f"{name} batch {b}: {row['decode_ms_per_token']:.2f} ms/token, {row['tokens_per_s']:.1f} tokens/s")
-        rows.append(row)
-    del runner
-    _free_memory(loaded.device)
-    return rows
+        log(f"{name} batch {b}: warm-up x{cfg.warmup}")
+        live[name] = Timed(runner, work)
+        rows[name] = _attempt(lambda: live[name].warm_up(processor, cfg, device), name, work, cfg, log)
+    for i in range(cfg.repeats):
+        log(f"batch {b}: run {i + 1}/{cfg.repeats} of {', '.join(n for n in live if rows[n] is None)}")
+        for name, entry in live.items():
+            if rows[name] is None:
+                rows[name] = _attempt(lambda: entry.run(processor, cfg, device, timed=True), name, work, cfg, log)
+    for name, entry in live.items():
+        if rows[name] is None:
+            rows[name] = _result_row(name, entry, cfg, ref)
+            log(f"{name} batch {b}: {rows[name]['decode_ms_per_token']:.2f} ms/token, "
+                f"{rows[name]['tokens_per_s']:.1f} tokens/s")
+    return [rows[name] for name in runners]
 
 
-def _error_row(name: str, b: int, work: Workload, cfg: BenchConfig, e: Exception) -> dict:
-    return {**{c: None for c in COLUMNS}, "runtime": name, "batch": b, "prompt_tokens": work.prompt_tokens,
-            "new_tokens": cfg.new_tokens, "error": str(e)}
+def _attempt(fn, name: str, work: Workload, cfg: BenchConfig, log) -> dict | None:
+    """None when fn ran; an error row when the runtime cannot run this batch here (VlmrtError)."""
+    try:
+        fn()
+        return None
+    except VlmrtError as e:
+        log(f"{name} batch {len(work.prompts)}: cannot run: {e}")
+        return _error_row(name, work, cfg, e)
+
+
+def _result_row(name: str, timed: Timed, cfg: BenchConfig, ref) -> dict:
+    row = {"runtime": name, "batch": len(timed.work.prompts), "prompt_tokens": timed.work.prompt_tokens,
+           "new_tokens": cfg.new_tokens, **timed.row(), "agreement": None, "first_divergence": None, "error": None}
+    if ref is not None:
+        row["agreement"] = agreement(timed.runner.predict(timed.batch, ref), ref)
+        row["first_divergence"] = first_divergence(timed.tokens, ref)
+    return row
+
+
+def _error_row(name: str, work: Workload, cfg: BenchConfig, e: Exception) -> dict:
+    return {**{c: None for c in COLUMNS}, "runtime": name, "batch": len(work.prompts),
+            "prompt_tokens": work.prompt_tokens, "new_tokens": cfg.new_tokens, "error": str(e)}
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -475,7 +396,11 @@ def run_bench(cfg: BenchConfig, log=None) -> dict:
         raise VlmrtError(f"prompt + --new-tokens is {need} tokens, above the model's context of "
                          f"{loaded.max_context}; lower --new-tokens or --prompt-tokens")
     refs, notes = reference_tokens(cfg, loaded, processor, works, log)
-    rows = [r for name in cfg.runtimes for r in bench_runtime(name, cfg, loaded, processor, works, refs, log)]
+    max_seq = max(w.prompt_tokens for w in works.values()) + cfg.new_tokens
+    runners = {name: _make_or_error(name, cfg, loaded, max_seq, log) for name in dict.fromkeys(cfg.runtimes)}
+    rows = [r for b, w in works.items() for r in sweep_batch(runners, w, cfg, processor, loaded.device,
+                                                             refs and refs[b], log)]
+    rows.sort(key=lambda r: list(runners).index(r["runtime"]))  # by runtime, then batch (stable)
     add_speedups(rows)
     result = {"meta": metadata(cfg, loaded, notes), "rows": rows}
     write_outputs(result, Path(cfg.out), log)
@@ -552,7 +477,7 @@ def plot(result: dict, path: Path) -> None:
         right.bar([r["runtime"] for r in at_b], values, bottom=bottom, label=label)
         bottom = [x + y for x, y in zip(bottom, values)]
     right.set(ylabel="ms", title=f"end-to-end latency at batch {b}, {result['meta']['config']['new_tokens']} new tokens")
-    right.legend()
+    right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     meta = result["meta"]
     fig.suptitle(f"{meta['model']} {meta['config']['dtype']} on {meta['machine']}", fontsize=10)
     fig.tight_layout()

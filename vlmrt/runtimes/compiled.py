@@ -33,7 +33,9 @@ Inductor compiles the step (fusions); the graph removes launch and Python overhe
 
 from __future__ import annotations
 
+import itertools
 import time
+import types
 import warnings
 from dataclasses import dataclass, fields
 
@@ -52,12 +54,15 @@ class CompiledOptions:
     max_seq: int | None = None  # cache slots, allocated once (None: the model's context)
     batch_buckets: tuple[int, ...] | None = None  # graph batch sizes (None: 1, 2, 4, ... and max_batch)
     seq_multiple: int = 128  # the attention window is the request's length rounded up to this
-    prefill_multiple: int = 32  # prompts are right-padded to a multiple of this (one graph per bucket)
+    prefill_multiple: int = 16  # prompts are right-padded to a multiple of this (one graph per bucket)
     compile_vision: bool = True  # False: the vision stage runs eagerly (saves its compile time)
     cuda_graphs: bool | None = None  # None: on when the model is on CUDA
     dynamic: bool | None = None  # None: a stage's first shape compiles static, a second one dynamic (reused after)
     backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug)
     mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+
+
+_COPIES = itertools.count()  # numbers the per-runtime copies of the step functions (see _own_copy)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -85,8 +90,8 @@ class _Window:
 
 
 def _prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache, extras):
-    """[Bb,Tb,D] -> logits [Bb,Tb,V]. A code object of its own, so its recompiles (one per prompt
-    bucket) do not count against the decode step's."""
+    """[Bb,Tb,D] -> logits [Bb,Tb,V]. Separate from the decode step so that each keeps its own
+    compiled graphs (each runtime compiles its own copies, see _own_copy)."""
     return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, **extras)
 
 
@@ -96,12 +101,16 @@ def _decode_step(model, inputs_embeds, position_ids, attention_mask, cache_posit
 
 
 def _vision_step(model, pixel_values):
-    """[Bb,3,H,W] -> image_features [Bb,N,D]."""
+    """[b,3,H,W] -> image_features [b,N,D] (or the family's dict of named outputs)."""
     return model.encode_images(pixel_values)
 
 
 class _Graph:
-    """One captured CUDA graph with its static inputs and output."""
+    """One captured CUDA graph with its static inputs and output.
+
+    The warm-up calls run the real step on the real inputs (already copied into the static
+    buffers), so a decode step writes the same keys/values into the same slot three times: harmless.
+    """
 
     def __init__(self, fn, inputs: tuple, pool):
         side = torch.cuda.Stream()
@@ -144,9 +153,9 @@ class CompiledRuntime:
             raise VlmrtError("cuda_graphs=True needs the model on a CUDA device; load it with --device cuda")
         _raise_recompile_limit(len(self.batch_buckets) * 16)
         compile_kw = {"backend": o.backend, "dynamic": o.dynamic, **({"mode": o.mode} if o.mode else {})}
-        self._prefill = torch.compile(_prefill_step, **compile_kw)
-        self._decode = torch.compile(_decode_step, **compile_kw)
-        self._vision = torch.compile(_vision_step, **compile_kw) if o.compile_vision else _vision_step
+        self._prefill = torch.compile(_own_copy(_prefill_step), **compile_kw)
+        self._decode = torch.compile(_own_copy(_decode_step), **compile_kw)
+        self._vision = torch.compile(_own_copy(_vision_step), **compile_kw) if o.compile_vision else _vision_step
         self.storage = StaticKVCache(m.num_layers, self.max_batch, m.num_kv_heads, self.max_seq, m.head_dim,
                                      self.dtype, self.device)  # the only cache allocation
         self._windows: dict = {}  # (Bb, S) -> _Window
@@ -330,6 +339,14 @@ def _clone(out):
     if isinstance(out, dict):
         return {k: v.clone() for k, v in out.items()}
     return out.clone()
+
+
+def _own_copy(fn):
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs (and counts recompiles) per
+    code object; without this, every runtime in a process (other models, dtypes, backends) would
+    share one cache, and past its recompile limit dynamo silently runs the function uncompiled."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_COPIES)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def _raise_recompile_limit(n: int) -> None:

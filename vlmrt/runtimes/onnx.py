@@ -102,8 +102,8 @@ class OnnxRuntime:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         if stage == "decoder" and self.providers[0] == "CPUExecutionProvider":
-            # Decoding multiplies one row by each weight; on the CPU, MLAS's prepacked-GEMM layout made
-            # that ~20% slower than the plain layout here (bench/RESULTS.md), and prepacking copies weights.
+            # Decoding multiplies one row by each weight: with MLAS's prepacked-GEMM layout that was ~20%
+            # slower than the plain layout on a 7B-wide decoder here (2-core CPU), and packing copies weights.
             so.add_session_config_entry("session.disable_prepacking", "1")
         try:
             return ort.InferenceSession(str(self.folder / file), sess_options=so, providers=self.providers)

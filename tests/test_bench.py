@@ -156,3 +156,15 @@ def test_bench_on_cuda_fp16(tmp_path):
                        log=lambda _: None)
     for r in result["rows"]:
         assert r["error"] is None and r["agreement"] >= 0.9, r
+
+
+@pytest.mark.parametrize("preset", ["qwen-vl-tiny", "slimm-tiny", "minicpm-v-tiny"])
+def test_other_families_bench_with_their_vision_inputs(tmp_path, preset):
+    """Families with extra vision inputs (SliMM's image_grid_thw, MiniCPM's slices) and q/k/v biases
+    (Qwen: transformers' Qwen2 baseline) go through the sweep and the agreement check."""
+    runtimes = ("eager", "hf") if preset != "minicpm-v-tiny" else ("eager",)  # MiniCPM's scaled decoder has no hf twin
+    result = run_bench(_config(tmp_path, model=preset, runtimes=runtimes, batches=(1,), new_tokens=4),
+                       log=lambda _: None)
+    for r in result["rows"]:
+        assert r["error"] is None, r
+        assert r["agreement"] is not None and r["decode_ms_per_token"] > 0

@@ -38,7 +38,7 @@ import torch
 
 from vlmrt.config import DTYPES, GenerationConfig, resolve_device
 from vlmrt.errors import VlmrtError
-from vlmrt.generate import decode_one_token, generate, prefill, prompt_positions
+from vlmrt.generate import decode_one_token, generate, prefill, prompt_positions, vision_inputs
 from vlmrt.models import load_model
 from vlmrt.processor import Processor
 from vlmrt.runtimes import RUNTIMES, runtime_class
@@ -170,7 +170,7 @@ def teacher_forced(runtime, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
         positions = prompt_positions(batch)
         position = positions.amax(dim=tuple(range(positions.dim() - 2))) if positions.dim() > 2 else positions
         position = position[:, -1].expand(positions.shape[:-1])  # [...,B]
-        features = runtime.encode_images(batch["pixel_values"])
+        features = runtime.encode_images(batch["pixel_values"], **vision_inputs(batch))
         picks = [prefill(runtime, runtime.embed(input_ids, features), mask, positions).argmax(-1)]
         for i in range(n - 1):
             mask[:, t + i] = 1

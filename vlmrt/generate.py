@@ -149,6 +149,11 @@ def decode_one_token(runtime: StageRunner, tokens, position, attention_mask_full
     return runtime.decode(embeds, position[..., None], attention_mask_full, cache_position)[:, -1]
 
 
+def vision_inputs(batch: dict) -> dict:
+    """Batch entries other than the standard ones go to the vision stage by name (e.g. image_grid_thw)."""
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values", "position_ids")}
+
+
 def prompt_positions(batch: dict) -> torch.Tensor:
     """Prefill position ids: the processor's own (e.g. M-RoPE [3,B,T]) or a count of real tokens."""
     if batch.get("position_ids") is not None:
@@ -175,7 +180,6 @@ def generate(
         on_text: called as on_text(row, text) with each newly final piece of a row's answer.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    vision_inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values", "position_ids")}
     b, t = input_ids.shape
     device = input_ids.device
     rows = [RowText(tokenizer, cfg) for _ in range(b)]
@@ -190,7 +194,7 @@ def generate(
 
     start = time.perf_counter()
     pixels = batch.get("pixel_values")
-    features = runtime.encode_images(pixels, **vision_inputs) if pixels is not None else None
+    features = runtime.encode_images(pixels, **vision_inputs(batch)) if pixels is not None else None
     runtime.synchronize()
     t_vision = time.perf_counter()
     logits = prefill(runtime, runtime.embed(input_ids, features), mask, positions)

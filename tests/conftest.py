@@ -25,6 +25,16 @@ def photo() -> Path:
     return ASSETS / "astronaut.jpg"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 _LOADED = {}
 
 

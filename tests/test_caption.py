@@ -4,7 +4,6 @@ unreadable images recorded, bad input."""
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import load_tiny
@@ -16,13 +15,7 @@ from vlmrt.pipeline import Pipeline
 TOKENS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

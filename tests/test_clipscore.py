@@ -16,13 +16,7 @@ from vlmrt.eval.clipscore import clipscore_report, paired_bootstrap, read_captio
 SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_clip_tokenizer():

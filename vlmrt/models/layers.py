@@ -118,6 +118,18 @@ def splice_image_features(
     return torch.where(is_image[..., None], gathered, inputs_embeds)
 
 
+class GeluMlp(nn.Module):
+    """fc1 -> exact (erf) GELU -> fc2: the ViT MLP of EVA-ViT-g (MiniGPT-4) and SigLIP (MiniCPM-V-2)."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()
@@ -206,6 +218,22 @@ class LlamaForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------- resampler (Qwen-VL, MiniCPM-V-2)
+class SplicedLlamaStages:
+    """`embed` and `decode` of the stage contract for a family whose decoder is a LlamaForCausalLM at
+    `self.language_model` and whose image features overwrite its `image_token_id` placeholders
+    (MiniGPT-4, Qwen-VL)."""
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """input_ids [B,T] (+ image_features [B,N,D]) -> inputs_embeds [B,T,D]."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        if image_features is None:
+            return embeds
+        return splice_image_features(embeds, input_ids, image_features, self.image_token_id)
+
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache) -> torch.Tensor:
+        return self.language_model(inputs_embeds, position_ids, attention_mask, cache_position, cache)
+
+
 def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     """The fixed 2D sin-cos table [grid_h*grid_w, dim] of MAE, as Qwen-VL's and MiniCPM-V-2's
     resamplers use it (../shared/models/SPEC.md 2.4): positions row-major; the first dim/2 channels

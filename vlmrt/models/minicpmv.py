@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmrt.errors import VlmrtError
-from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, Resampler, sincos_2d_at, splice_image_features
+from vlmrt.models.layers import DecoderConfig, GeluMlp, LlamaForCausalLM, Resampler, sincos_2d_at, splice_image_features
 from vlmrt.processor import ProcessorSpec
 
 IMAGE_TOKEN_ID = 0  # `<unk>`: the release fills the <unk> runs between <image> and </image>
@@ -141,23 +141,13 @@ class SiglipAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 
-class SiglipMlp(nn.Module):
-    def __init__(self, cfg: SiglipConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden)
-        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as timm builds so400m
-
-
 class SiglipBlock(nn.Module):
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.attn = SiglipAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = SiglipMlp(cfg)
+        self.mlp = GeluMlp(cfg.width, cfg.mlp_hidden)  # exact (erf) GELU, as timm builds so400m
 
     def forward(self, x, mask):
         x = x + self.attn(self.norm1(x), mask)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmrt.errors import VlmrtError
-from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, splice_image_features
+from vlmrt.models.layers import DecoderConfig, GeluMlp, LlamaForCausalLM, SplicedLlamaStages
 from vlmrt.processor import ProcessorSpec
 
 
@@ -137,23 +137,13 @@ class EvaAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 
-class EvaMlp(nn.Module):
-    def __init__(self, cfg: EvaViTConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden)
-        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class EvaBlock(nn.Module):
     def __init__(self, cfg: EvaViTConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.attn = EvaAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = EvaMlp(cfg)
+        self.mlp = GeluMlp(cfg.width, cfg.mlp_hidden)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -284,7 +274,7 @@ class QFormer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-class MiniGPT4ForConditionalGeneration(nn.Module):
+class MiniGPT4ForConditionalGeneration(SplicedLlamaStages, nn.Module):
     """MiniGPT-4 on the stage contract (see vlmrt/stages.py).
 
     Worked example (minigpt4-7b): the question "What is this?" renders to
@@ -330,15 +320,9 @@ class MiniGPT4ForConditionalGeneration(nn.Module):
             x = x[:, 1:].reshape(x.shape[0], -1, 4 * x.shape[-1])  # [B,P/4,4W]: 4 consecutive tokens
         return self.llama_proj(x)
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """input_ids [B,T] (+ image_features [B,N,D]) -> inputs_embeds [B,T,D]."""
-        embeds = self.llama_model.model.embed_tokens(input_ids)
-        if image_features is None:
-            return embeds
-        return splice_image_features(embeds, input_ids, image_features, self.image_token_id)
-
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache) -> torch.Tensor:
-        return self.llama_model(inputs_embeds, position_ids, attention_mask, cache_position, cache)
+    @property
+    def language_model(self) -> LlamaForCausalLM:
+        return self.llama_model
 
     @property
     def processor_spec(self) -> ProcessorSpec:

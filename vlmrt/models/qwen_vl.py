@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmrt.errors import VlmrtError
-from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, Resampler, splice_image_features
+from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, Resampler, SplicedLlamaStages
 from vlmrt.processor import ProcessorSpec
 
 
@@ -220,7 +220,7 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-class QWenLMHeadModel(nn.Module):
+class QWenLMHeadModel(SplicedLlamaStages, nn.Module):
     """Qwen-VL / Qwen-VL-Chat on the stage contract (see vlmrt/stages.py).
 
     Worked example (qwen-vl-chat-7b): "What is this?" renders to
@@ -259,15 +259,9 @@ class QWenLMHeadModel(nn.Module):
         """pixel_values [B,3,S,S] -> image_features [B,Q,D]."""
         return self.visual(pixel_values)
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
-        """input_ids [B,T] (+ image_features [B,Q,D]) -> inputs_embeds [B,T,D]."""
-        embeds = self.llm.model.embed_tokens(input_ids)
-        if image_features is None:
-            return embeds
-        return splice_image_features(embeds, input_ids, image_features, self.image_token_id)
-
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache) -> torch.Tensor:
-        return self.llm(inputs_embeds, position_ids, attention_mask, cache_position, cache)
+    @property
+    def language_model(self) -> LlamaForCausalLM:
+        return self.llm
 
     @property
     def processor_spec(self) -> ProcessorSpec:

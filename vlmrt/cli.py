@@ -57,16 +57,16 @@ def cmd_run(args) -> int:
     stream = not args.json and len(args.image) == 1
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None
     result = pipe(images, prompts, cfg, on_text=on_text)
+    if stream:
+        print(flush=True)  # end the streamed line before anything goes to stderr
+    elif not args.json:
+        for i, text in enumerate(result.texts):
+            print(f"[{i}] {text}", flush=True)
     for note in result.notes + _synthetic_note(pipe.loaded):
         print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(_result_json(pipe, args, result), indent=2))
         return 0
-    if stream:
-        print()
-    else:
-        for i, text in enumerate(result.texts):
-            print(f"[{i}] {text}")
     print(format_timings(result.timings, len(args.image)), file=sys.stderr)
     return 0
 

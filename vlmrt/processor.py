@@ -148,15 +148,18 @@ class Processor:
 
             module, func = self.spec.batch_hook.split(":")
             return getattr(importlib.import_module(module), func)(self, images, prompts)
-        rows = [self.prompt_ids(p) for p in prompts]
+        pixels = torch.stack([image_to_pixels(load_image(im), self.spec) for im in images])
+        return {**self.left_pad([self.prompt_ids(p) for p in prompts]), "pixel_values": pixels}
+
+    def left_pad(self, rows: list[list[int]]) -> dict:
+        """Token id rows -> input_ids [B,T] left-padded with `pad_token_id`, attention_mask [B,T]."""
         t = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), t), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), t), dtype=torch.long)
         for i, r in enumerate(rows):
             input_ids[i, t - len(r):] = torch.tensor(r)
             attention_mask[i, t - len(r):] = 1
-        pixels = torch.stack([image_to_pixels(load_image(im), self.spec) for im in images])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixels}
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def is_image_file(path: str | os.PathLike) -> bool:

@@ -459,14 +459,8 @@ def build_batch(processor, images: list, prompts: list[str]) -> dict:
     pad = (torch.zeros(3, s.canvas_rows * p, s.canvas_cols * p), torch.full((s.capacity, 2), -1.0),
            torch.zeros(s.capacity, 2 * s.pos_grid))
     padded = [c + [pad] * (k - len(c)) for c in packed]
-    t = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), t), processor.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, t - len(r):] = torch.tensor(r)
-        attention_mask[i, t - len(r):] = 1
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask,
+        **processor.left_pad(rows),
         "pixel_values": torch.stack([torch.cat([c[0] for c in row], dim=2) for row in padded]),  # [B,3,Hc,K*Wc]
         "patch_coords": torch.stack([torch.cat([c[1] for c in row]) for row in padded]),  # [B,K*L,2]
         "patch_pos_weights": torch.stack([torch.cat([c[2] for c in row]) for row in padded]),  # [B,K*L,2G]

@@ -130,6 +130,22 @@ class GeluMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+class PreNormViTBlock(nn.Module):
+    """x += attn(norm1(x), *attn_args); x += mlp(norm2(x)): the block of EVA-ViT-g (MiniGPT-4) and
+    SigLIP (MiniCPM-V-2), whose key names (norm1, attn, norm2, mlp.fc1/fc2) both releases share."""
+
+    def __init__(self, width: int, eps: float, attn: nn.Module, mlp_hidden: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = GeluMlp(width, mlp_hidden)
+
+    def forward(self, x, *attn_args):
+        x = x + self.attn(self.norm1(x), *attn_args)
+        return x + self.mlp(self.norm2(x))
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer_idx: int):
         super().__init__()

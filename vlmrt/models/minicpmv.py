@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmrt.errors import VlmrtError
-from vlmrt.models.layers import DecoderConfig, GeluMlp, LlamaForCausalLM, Resampler, sincos_2d_at, splice_image_features
+from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, PreNormViTBlock, Resampler, sincos_2d_at, splice_image_features
 from vlmrt.processor import ProcessorSpec
 
 IMAGE_TOKEN_ID = 0  # `<unk>`: the release fills the <unk> runs between <image> and </image>
@@ -141,19 +141,6 @@ class SiglipAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 
-class SiglipBlock(nn.Module):
-    def __init__(self, cfg: SiglipConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.attn = SiglipAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = GeluMlp(cfg.width, cfg.mlp_hidden)  # exact (erf) GELU, as timm builds so400m
-
-    def forward(self, x, mask):
-        x = x + self.attn(self.norm1(x), mask)
-        return x + self.mlp(self.norm2(x))
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: SiglipConfig):
         super().__init__()
@@ -167,7 +154,9 @@ class SiglipVisionTower(nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbed(cfg)
         self.pos_embed = nn.Parameter(torch.empty(1, cfg.pos_grid ** 2, cfg.width))
-        self.blocks = nn.ModuleList(SiglipBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(  # MLP: exact (erf) GELU, as timm builds so400m
+            PreNormViTBlock(cfg.width, cfg.eps, SiglipAttention(cfg), cfg.mlp_hidden) for _ in range(cfg.depth)
+        )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.pos_grid = cfg.pos_grid
 

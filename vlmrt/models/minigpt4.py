@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmrt.errors import VlmrtError
-from vlmrt.models.layers import DecoderConfig, GeluMlp, LlamaForCausalLM, SplicedLlamaStages
+from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, PreNormViTBlock, SplicedLlamaStages
 from vlmrt.processor import ProcessorSpec
 
 
@@ -137,19 +137,6 @@ class EvaAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 
-class EvaBlock(nn.Module):
-    def __init__(self, cfg: EvaViTConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.attn = EvaAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = GeluMlp(cfg.width, cfg.mlp_hidden)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class EvaViT(nn.Module):
     """EVA-ViT-g as BLIP-2 uses it: no pre-norm, no final norm; all 1+P tokens out."""
 
@@ -158,7 +145,9 @@ class EvaViT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
-        self.blocks = nn.ModuleList(EvaBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            PreNormViTBlock(cfg.width, cfg.eps, EvaAttention(cfg), cfg.mlp_hidden) for _ in range(cfg.depth)
+        )
 
     def forward(self, pixel_values):
         x = self.patch_embed(pixel_values)  # [B,P,W]

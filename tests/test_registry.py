@@ -31,6 +31,10 @@ def test_tiny_preset_builds_and_runs_each_stage(family):
     logits = m.decode(embeds, torch.arange(t)[None], mask, torch.arange(t), cache, **extras)
     assert logits.shape == (1, t, len(loaded.tokenizer)) or logits.shape[:2] == (1, t)
     assert torch.isfinite(logits).all()
+    # runtimes ask for the last position only: the same numbers, without the other T-1 rows
+    last = m.decode(embeds, torch.arange(t)[None], mask, torch.arange(t), cache, logits_at=torch.tensor([t - 1]), **extras)
+    assert last.shape[:2] == (1, 1)
+    torch.testing.assert_close(last, logits[:, -1:], rtol=1e-5, atol=1e-5)
 
 
 def test_every_preset_is_constructible_on_meta():

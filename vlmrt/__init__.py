@@ -12,7 +12,7 @@ from vlmrt.errors import VlmrtError
 from vlmrt.models import load_model
 from vlmrt.pipeline import Pipeline, Result
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["GenerationConfig", "RunOptions", "VlmrtError", "export", "load_model", "Pipeline", "Result", "__version__"]
 
 

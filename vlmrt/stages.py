@@ -72,8 +72,10 @@ class VisionLanguageModel(Protocol):
         attention_mask: torch.Tensor,
         cache_position: torch.Tensor,
         cache,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B,T,D] -> logits [B,T,V]; writes the new keys/values into `cache` at `cache_position`."""
+        """[B,T,D] -> logits [B,T,V], or [B,1,V] at index `logits_at` [1]; writes the new keys/values
+        into `cache` at `cache_position`. Runtimes ask for the last position only."""
 
 
 class VisionStage(nn.Module):

@@ -16,7 +16,7 @@ Per image and runtime (N = new tokens, decoding greedy with stop tokens off, so 
   runtime that diverged would be compared on different histories).
 - `stages`: each stage's own output error, the stage fed the reference's inputs: `vision`
   (image_features from the same pixel_values), `embedding` (inputs_embeds from the same ids and
-  the reference's image features), `prefill_logits` (logits [T,V] from the reference's embeddings).
+  the reference's image features), `prefill_logits` (the last position's logits [1,V] from the reference's embeddings).
 
 Errors are reported as max_abs, mean_abs and rel (max_abs / max |reference|), in fp32.
 """

@@ -6,7 +6,7 @@ Schema (format_version 1; docs/export.md has a worked example):
  {
    "format": "vlmrt-onnx-export",        # fixed
    "format_version": 1,                   # FORMAT_VERSION; another value is refused
-   "vlmrt_version": "0.1.0", "exporter": "torch.onnx TorchScript, torch 2.13.0", "opset": 17,
+   "vlmrt_version": "0.2.0", "exporter": "torch.onnx TorchScript, torch 2.13.0", "opset": 17,
    "model": {"name", "family", "synthetic", "seed", "config_hash", "dtype"},
    "kv_cache": {"num_layers", "num_kv_heads", "head_dim", "max_context"},
    "image_token_id": 0,

@@ -18,7 +18,7 @@ Graph I/O (names from vlmrt/stages.py; dimension names as in the shape comments)
  embedding  input_ids [batch,sequence], image_features       ─► inputs_embeds [batch,sequence,D]
  decoder    inputs_embeds [batch,sequence,D], position_ids [batch,sequence],
             attention_mask [batch,total_sequence], past_key_values.{i}.key|value [batch,H_kv,past_sequence,hd]
-            ─► logits [batch,sequence,V], present.{i}.key|value [batch,H_kv,total_sequence,hd]
+            ─► logits [batch,1,V] (the last position's), present.{i}.key|value [batch,H_kv,total_sequence,hd]
 ```
 
 The decoder runs on a `ConcatKVCache` (presents = pasts + the new tokens), and its cache slots are
@@ -77,7 +77,7 @@ DEFAULT_AXES = {  # name -> {axis: dimension name}; a family's hook may override
     INPUTS_EMBEDS: {0: "batch", 1: "sequence"},
     POSITION_IDS: {0: "batch", 1: "sequence"},
     ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
-    LOGITS: {0: "batch", 1: "sequence"},
+    LOGITS: {0: "batch"},  # [batch,1,V]: generation reads the last position only
 }
 PAST_AXES = {0: "batch", 2: "past_sequence"}  # past_key_values.{i}.key|value
 PRESENT_AXES = {0: "batch", 2: "total_sequence"}  # present.{i}.key|value
@@ -150,7 +150,8 @@ class StageModule(nn.Module):
         values = [named.pop(past_value_name(i)) for i in range(n)]
         cache = ConcatKVCache(keys, values)
         cache_position = torch.arange(embeds.shape[1], device=embeds.device) + keys[0].shape[2]  # [T]: P..P+T-1
-        logits = self.model.decode(embeds, positions, mask, cache_position, cache, **named)
+        last = (cache_position[-1] - cache_position[0]).reshape(1)  # [1], static: logits [batch,1,V]
+        logits = self.model.decode(embeds, positions, mask, cache_position, cache, logits_at=last, **named)
         names, outs = [LOGITS], [logits]
         for i in range(n):
             names += [present_key_name(i), present_value_name(i)]

@@ -199,6 +199,14 @@ class LlamaDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)) * r
 
 
+def keep_position(h: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
+    """h [B,T,D] -> h [B,1,D] at index `logits_at` [1] (a tensor, so a compiled graph serves every
+    prompt length of a bucket), or all of h when None. Generation needs only the last real position's
+    logits: computing all T costs a [T,D]x[D,V] matmul and a [B,T,V] tensor (hundreds of MB at a
+    150k vocabulary) for nothing. Parity tests ask for all positions."""
+    return h if logits_at is None else h.index_select(1, logits_at)
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -218,14 +226,15 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache) -> torch.Tensor:
-        """inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,S], cache_position [T] -> logits [B,T,V]."""
+    def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None) -> torch.Tensor:
+        """inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,S], cache_position [T]
+        -> logits [B,T,V], or [B,1,V] at index `logits_at` [1] (see keep_position)."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, cache_position)
         h = inputs_embeds
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, cache_position, cache)
-        return self.lm_head(self.model.norm(h) / self.config.logits_divisor)
+        return self.lm_head(self.model.norm(keep_position(h, logits_at)) / self.config.logits_divisor)
 
     def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos, sin [B,T,hd] for the positions; families with other schemes (M-RoPE) override this."""
@@ -246,8 +255,8 @@ class SplicedLlamaStages:
             return embeds
         return splice_image_features(embeds, input_ids, image_features, self.image_token_id)
 
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache) -> torch.Tensor:
-        return self.language_model(inputs_embeds, position_ids, attention_mask, cache_position, cache)
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None) -> torch.Tensor:
+        return self.language_model(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at)
 
 
 def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from vlmrt.errors import VlmrtError
-from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, causal_mask
+from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, causal_mask, keep_position
 from vlmrt.models.slimm_vision import VisionConfig, VisionTower, patch_rows, split_cells
 from vlmrt.processor import Processor, ProcessorSpec, image_to_pixels, load_image
 
@@ -145,9 +145,10 @@ class Qwen2VLDecoder(LlamaForCausalLM):
         k = layer - self.deepstack_start
         return k // self.deepstack_interval if 0 <= k < num_groups * self.deepstack_interval else None
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds=None):
+    def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds=None,
+                logits_at=None):
         """inputs_embeds [B,T,D], position_ids [3,B,T], attention_mask [B,S], cache_position [T],
-        deepstack_embeds [K,B,T,D] (prefill only) -> logits [B,T,V]."""
+        deepstack_embeds [K,B,T,D] (prefill only) -> logits [B,T,V] ([B,1,V] with `logits_at` [1])."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, cache_position)
         h = inputs_embeds
@@ -156,7 +157,7 @@ class Qwen2VLDecoder(LlamaForCausalLM):
             if g is not None:
                 h = h + deepstack_embeds[g].to(h.dtype)
             h = layer(h, cos, sin, mask, cache_position, cache)
-        return self.lm_head(self.model.norm(h))
+        return self.lm_head(self.model.norm(keep_position(h, logits_at)))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -250,8 +251,9 @@ class SliMMForConditionalGeneration(Qwen2VLDecoder):
         deep = torch.cat([deep, deep.new_zeros(k, 1, d)], dim=1)[:, index]  # [K,B,T,D]; text -> zero row
         return {"inputs_embeds": embeds, "deepstack_embeds": deep}
 
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds=None):
-        return self(inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds)
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds=None,
+               logits_at=None):
+        return self(inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds, logits_at)
 
     def export_io(self, stage: str, io):
         """Hook of vlmrt/export/onnx.py: patch rows + image_grid_thw for dynamic presets (one graph for

@@ -12,7 +12,7 @@ before capture, one memory pool shared by graphs that never run at the same time
  encode_images  pixels [b,3,H,W] ─► compiled vision (+ CUDA graph per batch size) ─► features
  embed          eager (a table lookup and a splice; nothing to gain from compiling)
  decode, T > 1  prefill: embeds [b,T,D] ─pad rows to Bb, pad T on the right to Tb─►
-                compiled decoder over window(Bb, S) ─► logits [Bb,Tb,V] ─► [:b, :T]
+                compiled decoder over window(Bb, S), logits_at = [T-1] ─► logits [Bb,1,V] ─► [:b]
  decode, T = 1  copy into static buffers (embeds [Bb,1,D], positions [...,Bb,1], mask [Bb,S],
                 cache_position [1]) ─► replay the (Bb, S) CUDA graph (CPU: call the compiled step)
                 ─► logits [Bb,1,V] ─► [:b]
@@ -89,10 +89,11 @@ class _Window:
         self.max_batch, self.max_seq = batch, seq
 
 
-def _prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache, extras):
-    """[Bb,Tb,D] -> logits [Bb,Tb,V]. Separate from the decode step so that each keeps its own
-    compiled graphs (each runtime compiles its own copies, see _own_copy)."""
-    return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, **extras)
+def _prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at, extras):
+    """[Bb,Tb,D] -> logits [Bb,1,V] at index logits_at [1] (a tensor: one graph for every T of a bucket).
+    Separate from the decode step so that each keeps its own compiled graphs (each runtime compiles
+    its own copies, see _own_copy)."""
+    return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=logits_at, **extras)
 
 
 def _decode_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache):
@@ -205,7 +206,7 @@ class CompiledRuntime:
 
     @torch.inference_mode()
     def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
-        """Prefill (T > 1, or any extras) or one decode step (T = 1); logits [b,T,V]."""
+        """Prefill (T > 1, or any extras) or one decode step (T = 1); the last position's logits [b,1,V]."""
         if inputs_embeds.shape[1] > 1 or extras:
             return self._prefill_call(inputs_embeds, position_ids, attention_mask, cache_position, extras)
         return self._decode_call(inputs_embeds, position_ids, attention_mask, cache_position)
@@ -226,9 +227,10 @@ class CompiledRuntime:
         positions = F.pad(positions.to(self.device), (0, tb - t, 0, bb - b))  # [...,Bb,Tb]
         mask = F.pad(mask.to(self.device)[:, :s], (0, s - min(mask.shape[1], s), 0, bb - b))  # [Bb,S]
         slots = torch.arange(tb, device=self.device)  # cache_position [Tb]; the loop's is arange(T)
+        last = torch.tensor([t - 1], device=self.device)  # the last real position, not the padding's
         key = ("prefill", bb, tb, s, positions.dim())
-        logits = self._first_call(key, lambda: self._prefill(self.model, embeds, positions, mask, slots, window, extras))
-        return logits[:b, :t]
+        logits = self._first_call(key, lambda: self._prefill(self.model, embeds, positions, mask, slots, window, last, extras))
+        return logits[:b]  # [b,1,V]
 
     def _decode_call(self, embeds, positions, mask, cache_position):
         b = embeds.shape[0]  # embeds [b,1,D], positions [...,b,1], mask [b,L], cache_position [1]

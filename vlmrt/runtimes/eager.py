@@ -38,11 +38,15 @@ class EagerRuntime:
 
     @torch.inference_mode()
     def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
+        """inputs_embeds [B,T,D] at cache slots `cache_position` [T] -> the last position's logits [B,1,V]."""
         s = self.cache.max_seq
         mask = attention_mask.to(self.device)
         if mask.shape[1] < s:  # the loop's mask covers only the slots this request uses
             mask = torch.nn.functional.pad(mask, (0, s - mask.shape[1]))
-        return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device), self.cache, **extras)
+        t = inputs_embeds.shape[1]
+        last = torch.tensor([t - 1], device=self.device) if t > 1 else None  # logits of the last position only
+        return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device),
+                                 self.cache, logits_at=last, **extras)  # [B,1,V]
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

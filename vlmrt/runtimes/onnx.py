@@ -167,7 +167,7 @@ class OnnxRuntime:
 
     def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
         """inputs_embeds [B,T,D] at cache slots `cache_position` [T] (which must continue the cache)
-        -> logits [B,T,V]; the presents become the next call's pasts."""
+        -> the last position's logits [B,1,V]; the presents become the next call's pasts."""
         b, t = inputs_embeds.shape[:2]
         first = int(cache_position[0])
         if first != self.past_len:
@@ -182,7 +182,7 @@ class OnnxRuntime:
         outs = self.run("decoder", values, dims)
         self.past = {k.replace("present.", "past_key_values.", 1): v for k, v in outs.items() if k.startswith("present.")}
         self.past_len = total
-        return torch.from_numpy(outs[LOGITS].numpy())
+        return torch.from_numpy(outs[LOGITS].numpy())[:, -1:]  # exports of vlmrt 0.1 kept every position
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys and values of `layer`, each [B,H_kv,P,hd] (for parity checks)."""

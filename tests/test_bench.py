@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlmrt.bench import (COLUMNS, TIMED, BenchConfig, add_speedups, agreement, build_prompt, first_divergence,
-                         format_table, run_bench)
+                         format_table, make_workload, preprocess, run_bench)
 from vlmrt.cli import main
 from vlmrt.errors import VlmrtError
 
@@ -134,26 +134,72 @@ def test_agreement_divergence_and_speedups():
     assert rows[3]["speedup_vs_hf"] is None
 
 
-@pytest.mark.parametrize("n", [2, 40, 300])
-def test_prompt_of_a_chosen_length_keeps_bos_image_and_question(n):
+def _chosen_length(name: str, n: int | None):
     from conftest import load_tiny
     from vlmrt.processor import Processor
 
-    loaded = load_tiny("minigpt4-tiny")
+    loaded = load_tiny(name)
     processor = Processor(loaded.spec, loaded.tokenizer)
-    question, ids = build_prompt(processor, n)
-    full, img = processor.prompt_ids(question), loaded.spec.image_token_id
-    assert len(ids) == n + loaded.spec.num_image_tokens and ids[0] == full[0]
+    question = build_prompt(processor, n)
+    work = make_workload(processor, 1, question, n)
+    batch = preprocess(processor, work, torch.device("cpu"))[0]
+    full = processor(work.images, work.prompts)  # the rendered prompt, uncut
+    return loaded, work, batch, full
+
+
+@pytest.mark.parametrize("n", [2, 40, 300])
+def test_prompt_of_a_chosen_length_keeps_bos_image_and_question(n):
+    loaded, work, batch, full = _chosen_length("minigpt4-tiny", n)
+    ids, full, img = batch["input_ids"][0].tolist(), full["input_ids"][0].tolist(), loaded.spec.image_token_id
+    assert len(ids) == n + loaded.spec.num_image_tokens == work.prompt_tokens and ids[0] == full[0]
     assert ids.count(img) == full.count(img) and (n < 30 or ids[-20:] == full[-20:])
-    assert build_prompt(processor, None) == ("Describe this image in detail.", None)
+    assert batch["attention_mask"].sum() == len(ids)
+
+
+def test_default_question_is_the_rendered_template():
+    _, work, batch, full = _chosen_length("minigpt4-tiny", None)
+    assert work.prompts == ["Describe this image in detail."] and torch.equal(batch["input_ids"], full["input_ids"])
+
+
+def test_cut_prompt_keeps_mrope_positions_consistent():
+    """SliMM: positions of the cut prompt are the ones its processor computes for those ids."""
+    from vlmrt.models.slimm import mrope_position_ids
+
+    loaded, work, batch, full = _chosen_length("slimm-tiny", 6)
+    ids, img = batch["input_ids"], loaded.spec.image_token_id
+    assert int((ids != img).sum()) == 6 and int((ids == img).sum()) == int((full["input_ids"] == img).sum())
+    opts = dict(loaded.spec.hook_options)
+    grids = [tuple(g) for g in batch["image_grid_thw"].tolist()] if "image_grid_thw" in batch else [
+        (1, loaded.spec.image_size // opts["patch_size"], loaded.spec.image_size // opts["patch_size"])]
+    expected = mrope_position_ids(ids, batch["attention_mask"], grids, opts["merge_size"], img)
+    assert torch.equal(batch["position_ids"], expected)
+    assert not torch.equal(batch["position_ids"], full["position_ids"][..., -ids.shape[1]:])  # really shifted
+
+
+@pytest.mark.parametrize("name", ["minicpm-v-tiny", "slimm-tiny"])
+def test_chosen_prompt_length_on_dynamic_image_families(tmp_path, name):
+    """Families whose image takes a variable number of tokens (slices, native resolution): the row
+    counts the tokens the image really takes, and every runtime runs the cut prompt."""
+    loaded, work, batch, _ = _chosen_length(name, 12)
+    img = loaded.spec.image_token_id
+    assert work.prompt_tokens == batch["input_ids"].shape[1] == 12 + int((batch["input_ids"] == img).sum())
+    result = run_bench(_config(tmp_path, model=name, prompt_tokens=12, batches=(1,), new_tokens=4,
+                               runtimes=("eager", "compiled")), log=lambda _: None)  # MiniCPM has no hf baseline
+    for r in result["rows"]:
+        assert r["error"] is None and r["prompt_tokens"] == work.prompt_tokens, r
 
 
 # ----------------------------------------------------------------------------- GPU (marked)
-@pytest.mark.gpu
-def test_bench_on_cuda_fp16(tmp_path):
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", "bf16"),  # half precision through the same sweep on CPU, so CI keeps the path working
+    pytest.param("cuda", "fp16", marks=pytest.mark.gpu),
+])
+def test_bench_in_half_precision(tmp_path, device, dtype):
+    cpu = device == "cpu"
     result = run_bench(BenchConfig(model="minigpt4-tiny", out=str(tmp_path), runtimes=("eager", "compiled", "hf"),
-                                   batches=(1, 2), new_tokens=32, dtype="fp16", device="cuda", repeats=2),
-                       log=lambda _: None)
+                                   batches=(1, 2), new_tokens=32, dtype=dtype, device=device, repeats=1 if cpu else 2,
+                                   warmup=1, runtime_options=FAST if cpu else {}), log=lambda _: None)
     for r in result["rows"]:
         assert r["error"] is None and r["agreement"] >= 0.9, r
 

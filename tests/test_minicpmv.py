@@ -411,8 +411,12 @@ def test_tokenizer_without_markup_tokens_is_refused(tmp_path):
 def test_too_long_prompt_is_a_clear_error(photo):
     from vlmrt.pipeline import Pipeline
 
-    with pytest.raises(VlmrtError, match="context"):
-        Pipeline(load_tiny(TINY))([photo], ["why " * 1200])
+    pipe = Pipeline(load_tiny(TINY))
+    spec = pipe.loaded.spec
+    n = int((pipe.processor([photo], ["why"])["input_ids"] == spec.image_token_id).sum())
+    assert n > spec.num_image_tokens  # the photo is sliced: the message must count every slice
+    with pytest.raises(VlmrtError, match=rf"context.*\({n} of them image tokens\)|\({n} of them image tokens\).*context"):
+        pipe([photo], ["why " * 1200])
 
 
 def test_degenerate_images_run_end_to_end():

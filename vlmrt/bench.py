@@ -91,44 +91,53 @@ class Workload:
 
     images: list
     prompts: list[str]
-    input_ids: list[int] | None  # a prompt of a chosen length (--prompt-tokens), or None: the processor's own
-    prompt_tokens: int  # per row, image tokens included
+    text_tokens: int | None  # --prompt-tokens: the processed prompt is cut to this many text tokens
+    prompt_tokens: int  # per row as processed: text tokens plus the image tokens this image really takes
 
 
-def build_prompt(processor, prompt_tokens: int | None) -> tuple[str, list[int] | None]:
-    """(question, ids): with `prompt_tokens`, ids of exactly that many text tokens plus the image tokens.
-
-    The chat template is rendered with a question grown until it is long enough, then text tokens
-    are dropped from the front (after BOS): the system text goes first, the image and the question
-    stay. For timing at chosen shapes (the synthetic tokenizer makes templates longer than Llama's).
-    """
+def build_prompt(processor, text_tokens: int | None) -> str:
+    """A question long enough that the rendered prompt has at least `text_tokens` text tokens
+    (`trim_text` then cuts it to exactly that many); the default question without --prompt-tokens."""
     question = "Describe this image in detail."
-    if prompt_tokens is None:
-        return question, None
-    if prompt_tokens < 2:
-        raise VlmrtError(f"--prompt-tokens must be at least 2, got {prompt_tokens}")
+    if text_tokens is None:
+        return question
+    if text_tokens < 2:
+        raise VlmrtError(f"--prompt-tokens must be at least 2, got {text_tokens}")
     image_id = processor.spec.image_token_id
-    text = lambda ids: sum(i != image_id for i in ids)  # noqa: E731
-    while text(processor.prompt_ids(question)) < prompt_tokens:
+    while sum(i != image_id for i in processor.prompt_ids(question)) < text_tokens:  # hooks only add markup
         question += " image"
-    ids = processor.prompt_ids(question)
-    extra = text(ids) - prompt_tokens
-    drop = set([i for i in range(1, len(ids)) if ids[i] != image_id][:extra])  # BOS and image stay; oldest text goes
-    return question, [x for i, x in enumerate(ids) if i not in drop]
+    return question
 
 
-def make_workload(processor, batch: int, question: str, ids: list[int] | None) -> Workload:
-    t = len(ids) if ids is not None else len(processor.prompt_ids(question))
-    return Workload([str(IMAGE)] * batch, [question] * batch, ids, t)
+def trim_text(batch: dict, image_id: int, text_tokens: int) -> dict:
+    """Cut a processed batch of identical, unpadded rows to `text_tokens` text tokens, for timing at
+    chosen shapes (the synthetic tokenizer makes templates longer than Llama's): the oldest text goes
+    first, the first token (BOS), every image token and the end of the question stay. Position ids
+    (M-RoPE's too) of the kept tokens move down by the number of tokens cut before them, as if the
+    cut text had never been there; everything else (pixels, grids, slices) is untouched."""
+    ids = batch["input_ids"][0]  # [T]
+    text = (ids != image_id).nonzero().flatten()
+    extra = len(text) - text_tokens
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[text[text > 0][:max(extra, 0)]] = False
+    out = {**batch, "input_ids": batch["input_ids"][:, keep], "attention_mask": batch["attention_mask"][:, keep]}
+    if batch.get("position_ids") is not None:  # [...,B,T]
+        shift = (~keep).long().cumsum(0)  # tokens cut up to each index
+        out["position_ids"] = batch["position_ids"][..., keep] - shift[keep]
+    return out
+
+
+def make_workload(processor, batch: int, question: str, text_tokens: int | None = None) -> Workload:
+    row, _ = preprocess(processor, Workload([str(IMAGE)], [question], text_tokens, 0), torch.device("cpu"))
+    return Workload([str(IMAGE)] * batch, [question] * batch, text_tokens, row["input_ids"].shape[1])
 
 
 def preprocess(processor, work: Workload, device: torch.device) -> tuple[dict, float]:
     """Images and questions -> a batch on the device; returns (batch, ms)."""
     t0 = time.perf_counter()
     batch = processor(work.images, work.prompts)
-    if work.input_ids is not None:  # the chosen prompt length replaces the rendered template
-        batch["input_ids"] = torch.tensor([work.input_ids] * len(work.prompts))
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    if work.text_tokens is not None:  # a prompt of the chosen length
+        batch = trim_text(batch, processor.spec.image_token_id, work.text_tokens)
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -389,8 +398,8 @@ def run_bench(cfg: BenchConfig, log=None) -> dict:
     log(f"loading {cfg.model} ({cfg.dtype}, {cfg.device})")
     loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     processor = Processor(loaded.spec, loaded.tokenizer)
-    question, ids = build_prompt(processor, cfg.prompt_tokens)
-    works = {b: make_workload(processor, b, question, ids) for b in sorted(set(cfg.batches))}
+    question = build_prompt(processor, cfg.prompt_tokens)
+    works = {b: make_workload(processor, b, question, cfg.prompt_tokens) for b in sorted(set(cfg.batches))}
     need = next(iter(works.values())).prompt_tokens + cfg.new_tokens
     if need > loaded.max_context:
         raise VlmrtError(f"prompt + --new-tokens is {need} tokens, above the model's context of "

@@ -74,9 +74,10 @@ class Pipeline:
         ctx = self.loaded.max_context
         notes = []
         if t >= ctx:
+            images = int((batch["input_ids"] == self.loaded.spec.image_token_id).sum(-1).max())  # slices included
             raise VlmrtError(
-                f"the prompt is {t} tokens ({self.loaded.spec.num_image_tokens} of them image tokens) and the "
-                f"model's context is {ctx}; shorten the prompt"
+                f"the prompt is {t} tokens ({images} of them image tokens) and the model's context is {ctx}; "
+                "shorten the prompt"
             )
         if t + config.max_new_tokens > ctx:
             notes.append(f"max_new_tokens cut from {config.max_new_tokens} to {ctx - t} to fit the context of {ctx}")

@@ -125,9 +125,10 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps({"families": list(FAMILIES), "presets": rows}, indent=2))
         return 0
-    print(f"{'preset':<22}{'family':<10}{'params':>10}  {'llm layers x width':<20}{'context':>8}")
+    w = max(len(r["preset"]) for r in rows) + 2
+    print(f"{'preset':<{w}}{'family':<10}{'params':>10}  {'llm layers x width':<20}{'context':>8}")
     for r in rows:
-        print(f"{r['preset']:<22}{r['family']:<10}{r['params_b']:>9.3f}B  {r['llm']:<20}{r['context']:>8}")
+        print(f"{r['preset']:<{w}}{r['family']:<10}{r['params_b']:>9.3f}B  {r['llm']:<20}{r['context']:>8}")
     return 0
 
 
@@ -150,6 +151,40 @@ def cmd_export(args) -> int:
     return 0
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    _common_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests run as one batch (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others with the same settings to join its batch (default 5)")
+
+
+def cmd_serve(args) -> int:
+    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (one image and one question
+    per request; "stream": true for Server-Sent Events), GET /v1/models, GET /health. Concurrent requests
+    with the same settings run as one batch. See docs/serve.md."""
+    from vlmrt.models import load_model
+    from vlmrt.pipeline import Pipeline
+    from vlmrt.serve import CHAT_PATH, check_batching, make_server
+
+    check_batching(args.max_batch, args.batch_wait_ms)  # before a model load that may take minutes
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
+    pipe = Pipeline(loaded, args.runtime, options)
+    server = make_server(pipe, args.host, args.port, args.max_batch, args.batch_wait_ms)
+    notes = "".join(f"; note: {n}" for n in _synthetic_note(loaded))
+    print(f"vlmrt: serving {server.model_name} ({pipe.runtime.name}, {loaded.device}) at {server.url}/v1 "
+          f"(POST {CHAT_PATH}; Ctrl-C stops){notes}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("vlmrt: server stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 COMMANDS = {
     "run": ("answer a question about an image", add_run_args, cmd_run),
     "models": ("list model families and presets", add_models_args, cmd_models),
@@ -157,6 +192,7 @@ COMMANDS = {
     "eval": ("fidelity checks: runtime parity, CLIP score", add_eval_args, cmd_eval),
     "export": ("export a model to ONNX graphs plus a manifest", add_export_args, cmd_export),
     "bench": ("time runtimes per stage and batch size, against Hugging Face generate", add_bench_args, cmd_bench),
+    "serve": ("serve a model over HTTP: OpenAI-compatible chat completions, batched", add_serve_args, cmd_serve),
 }
 
 

@@ -67,6 +67,7 @@ class BenchConfig:
     seed: int = 0
     agreement: bool = True  # compare tokens with eager fp32 greedy (skipped if an fp32 copy does not fit)
     runtime_options: dict = field(default_factory=dict, hash=False)  # runtime name -> constructor options
+    profile: bool = False  # one more profiled pass per (runtime, batch): vlmrt/profiling.py
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -342,7 +343,19 @@ def sweep_batch(runners: dict, work: Workload, cfg: BenchConfig, processor, devi
             rows[name] = _result_row(name, entry, cfg, ref)
             log(f"{name} batch {b}: {rows[name]['decode_ms_per_token']:.2f} ms/token, "
                 f"{rows[name]['tokens_per_s']:.1f} tokens/s")
+            if cfg.profile:
+                rows[name]["profile"] = _profile(name, entry, cfg, device, log)
     return [rows[name] for name in runners]
+
+
+def _profile(name: str, entry: Timed, cfg: BenchConfig, device, log) -> dict:
+    from vlmrt.profiling import profile_generation
+
+    b = len(entry.work.prompts)
+    log(f"{name} batch {b}: profiling")
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    trace = Path(cfg.out) / f"trace-{name}-b{b}.json"
+    return profile_generation(entry.runner, entry.batch, cfg.new_tokens, device, trace)
 
 
 def _attempt(fn, name: str, work: Workload, cfg: BenchConfig, log) -> dict | None:
@@ -543,6 +556,9 @@ def add_bench_args(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="discarded runs first; compile happens here (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (default 0)")
     p.add_argument("--no-agreement", action="store_true", help="skip the token comparison with eager fp32")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more pass per runtime and batch: device vs host time per decode step, "
+                        "syncs, top ops, a Chrome trace per row (docs/bench.md)")
     p.add_argument("--out", required=True, help="folder for results.json, results.csv, results.png")
 
 
@@ -552,10 +568,14 @@ def cmd_bench(args) -> int:
         model=args.model, out=args.out, runtimes=tuple(x.strip() for x in args.runtime.split(",") if x.strip()),
         batches=_int_list(args.batch), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
         dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-        agreement=not args.no_agreement,
+        agreement=not args.no_agreement, profile=args.profile,
     )
     result = run_bench(cfg)
     for note in result["meta"]["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(format_table(result["rows"]))
+    if cfg.profile:
+        from vlmrt.profiling import format_profile
+
+        print("\nper decode step (profiled pass):\n" + format_profile(result["rows"]))
     return 0

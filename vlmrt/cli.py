@@ -34,6 +34,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with K beams (1 = off, default; not with --temperature > 0); the answer "
+                        "is printed once it is complete, not streamed")
     p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
 
 
@@ -53,6 +56,7 @@ def cmd_run(args) -> int:
     cfg = pipe.generation_config(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        num_beams=args.num_beams,
     )
     stream = not args.json and len(args.image) == 1
     on_text = (lambda row, text: print(text, end="", flush=True)) if stream else None

@@ -23,6 +23,13 @@ class GenerationConfig:
     Face: a logit of an already generated token is divided by it when positive, multiplied when
     negative. It looks at generated tokens only, as Hugging Face does when a prompt is given as
     embeddings (which is how every VLM here is driven).
+
+    `num_beams` > 1 searches with that many beams instead (vlmrt/beam.py; deterministic, so not with
+    `do_sample`), with Hugging Face's rules: a finished hypothesis scores its summed log-probabilities
+    over (generated tokens, stop tokens included) ** `length_penalty`; with `early_stopping` False (Hugging
+    Face's default) a prompt's search ends once it holds `num_beams` finished hypotheses and the best
+    running beam, scored at its current length, cannot beat the worst of them; True ends it as soon as it
+    holds `num_beams` finished hypotheses. (Hugging Face's third setting, "never", is not offered.)
     """
 
     max_new_tokens: int = 64
@@ -35,6 +42,9 @@ class GenerationConfig:
     stop_token_ids: tuple[tuple[int, ...], ...] = ()  # each entry a token sequence that ends a sequence
     stop_strings: tuple[str, ...] = ()  # the text is cut before the first of these
     pad_token_id: int = 0  # fed to sequences that already finished, inside a batch
+    num_beams: int = 1  # 1: greedy or sampling; > 1: beam search
+    length_penalty: float = 1.0  # beam search: finished scores are divided by length ** length_penalty
+    early_stopping: bool = False  # beam search: see above
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -45,6 +55,11 @@ class GenerationConfig:
             raise VlmrtError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.repetition_penalty <= 0:
             raise VlmrtError("top_k must be >= 0 and repetition_penalty > 0")
+        if not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise VlmrtError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise VlmrtError(f"beam search (num_beams={self.num_beams}) with sampling is not supported; "
+                             "drop the temperature (do_sample) or use num_beams=1")
 
 
 @dataclass(frozen=True)

@@ -288,7 +288,14 @@ def generate(runtime: StageRunner, batch: dict, cfg: GenerationConfig, tokenizer
         lookahead: decode steps launched before the host reads a token. None: 1 on CUDA (the host
             handles token n while the device computes n+1), else 0 (nothing to overlap). Outputs
             never depend on it.
+
+    With cfg.num_beams > 1 this is beam search (vlmrt/beam.py): no lookahead, and `on_text` gets each
+    row's answer once, at the end.
     """
+    if cfg.num_beams > 1:
+        from vlmrt.beam import beam_search  # it imports this module's helpers
+
+        return beam_search(runtime, batch, cfg, tokenizer, on_text)
     input_ids, device = batch["input_ids"], batch["input_ids"].device
     b, t = input_ids.shape
     track = on_text is not None or any(cfg.stop_strings)

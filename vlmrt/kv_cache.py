@@ -44,6 +44,14 @@ class StaticKVCache:
         values.index_copy_(2, cache_position, v)
         return keys, values
 
+    def reorder(self, rows: torch.Tensor, seq: int | None = None) -> None:
+        """Beam search: row i becomes a copy of row rows[i] (rows [n], n <= max_batch), for slots
+        [:seq] (None: all). In place: the buffers keep their addresses (CUDA graphs read them)."""
+        n = rows.shape[0]
+        for t in self.keys + self.values:
+            src = t[:, :, :seq]  # [B_max,H_kv,S,hd]
+            t[:n, :, :src.shape[2]].copy_(src.index_select(0, rows))  # gathered first: rows overlap the copy
+
     def reset(self) -> None:
         for t in self.keys + self.values:
             t.zero_()

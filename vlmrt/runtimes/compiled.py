@@ -215,6 +215,13 @@ class CompiledRuntime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    @torch.inference_mode()
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: cache row i becomes a copy of row rows[i] (rows [n]), over this request's
+        window of slots. Copied into the same storage: the CUDA graphs keep reading its addresses."""
+        self._check_started(rows.shape[0])
+        self.storage.reorder(rows.to(self.device), self._seq)
+
     # ------------------------------------------------------------------ prefill and decode
     def _prefill_call(self, embeds, positions, mask, cache_position, extras):
         b, t = embeds.shape[:2]  # embeds [b,T,D], positions [...,b,T], mask [b,L]

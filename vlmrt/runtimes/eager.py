@@ -48,6 +48,11 @@ class EagerRuntime:
         return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device),
                                  self.cache, logits_at=last, **extras)  # [B,1,V]
 
+    @torch.inference_mode()
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: cache row i becomes a copy of row rows[i] (rows [n] on any device), in place."""
+        self.cache.reorder(rows.to(self.device))
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -184,6 +184,14 @@ class OnnxRuntime:
         self.past_len = total
         return torch.from_numpy(outs[LOGITS].numpy())[:, -1:]  # exports of vlmrt 0.1 kept every position
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: cache row i becomes a copy of row rows[i] (rows [n]). The pasts make a round
+        trip through host memory (a copy to and from the GPU with the CUDA provider)."""
+        index = rows.cpu().numpy()
+        self._reordered = {k: np.take(v.numpy(), index, axis=0) for k, v in self.past.items()}  # [n,H_kv,P,hd]
+        self.past = {k: self._ort.OrtValue.ortvalue_from_numpy(a, self.device_type, self.device_id)
+                     for k, a in self._reordered.items()}  # a CPU OrtValue borrows its array: kept above
+
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys and values of `layer`, each [B,H_kv,P,hd] (for parity checks)."""
         k, v = self.past[f"past_key_values.{layer}.key"], self.past[f"past_key_values.{layer}.value"]

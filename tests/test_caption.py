@@ -122,3 +122,17 @@ def test_cli_caption_recursive(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert [e["image"] for e in doc["entries"]] == ["img0.png", "sub/img0.png", "sub/img1.jpg"]
     assert "3 images captioned" in capsys.readouterr().err
+
+
+def test_beam_search_captions_equal_the_pipeline_and_resume_only_with_the_same_beams(pipe, tmp_path):
+    d = make_images(tmp_path / "imgs", 2)
+    out = tmp_path / "beams.json"
+    doc = caption_folder(pipe, d, out, batch_size=2, max_new_tokens=8, progress=False, num_beams=3,
+                         repetition_penalty=1.2)
+    cfg = pipe.generation_config(max_new_tokens=8, num_beams=3, repetition_penalty=1.2)
+    names = ["img0.png", "img1.jpg"]
+    expected = pipe([str(d / n) for n in names], ["Describe this image in one sentence."] * 2, cfg)
+    assert [e["token_ids"] for e in doc["entries"]] == expected.token_ids
+    assert doc["setup"]["num_beams"] == 3 and doc["setup"]["repetition_penalty"] == 1.2
+    with pytest.raises(VlmrtError, match="different setup"):
+        caption_folder(pipe, d, out, batch_size=2, max_new_tokens=8, progress=False)  # greedy into a beams file

@@ -3,7 +3,7 @@
 ```
  list_images(DIR) ─► skip those already captioned in OUT ─► batches of N ─┐
                                                                           ▼
-          OUT.json ◄── atomic rewrite after every batch ◄── Pipeline(images, prompts) (greedy)
+          OUT.json ◄── atomic rewrite after every batch ◄── Pipeline(images, prompts) (greedy or beams)
 ```
 
 Output format (`vlmrt.captions/1`): one JSON document, rewritten atomically after every batch (so
@@ -24,7 +24,7 @@ the file on disk is always complete, valid JSON; an interrupt loses at most the 
 `image` is the path relative to the image folder; `timings` are those of the batch the image was
 in. Running again with the same `--out` resumes: images with a caption are kept, images that
 failed are tried again, the rest are captioned. A file made with a different setup (model,
-runtime, dtype, prompt, length, folder) is refused rather than mixed.
+runtime, dtype, prompt, length, folder, beams, repetition penalty) is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ def runtime_name(pipe) -> str:
     return getattr(pipe.runtime, "name", type(pipe.runtime).__name__)
 
 
-def caption_setup(pipe, images_dir, prompt: str, max_new_tokens: int) -> dict:
-    """What must match for a run to resume an earlier output file."""
-    return {
+def caption_setup(pipe, images_dir, prompt: str, max_new_tokens: int, num_beams: int = 1,
+                  repetition_penalty: float = 1.0) -> dict:
+    """What must match for a run to resume an earlier output file (the decoding knobs only when set,
+    so files written before they existed still resume)."""
+    setup = {
         "model": pipe.loaded.name,
         "runtime": runtime_name(pipe),
         "dtype": dtype_name(pipe.loaded.dtype),
@@ -61,6 +63,11 @@ def caption_setup(pipe, images_dir, prompt: str, max_new_tokens: int) -> dict:
         "max_new_tokens": max_new_tokens,
         "images_dir": str(Path(images_dir).resolve()),
     }
+    if num_beams != 1:
+        setup["num_beams"] = num_beams
+    if repetition_penalty != 1.0:
+        setup["repetition_penalty"] = repetition_penalty
+    return setup
 
 
 def load_previous(out: Path, setup: dict) -> dict[str, dict]:
@@ -75,9 +82,9 @@ def load_previous(out: Path, setup: dict) -> dict[str, dict]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise VlmrtError(f"{out} exists and is not a vlmrt captions file; pass another --out or remove it")
     old = doc.get("setup", {})
-    diff = [k for k in setup if old.get(k) != setup[k]]
+    diff = [k for k in dict.fromkeys([*setup, *old]) if old.get(k) != setup.get(k)]  # a knob set on one side only too
     if diff:
-        what = ", ".join(f"{k}: {old.get(k)!r} there, {setup[k]!r} now" for k in diff)
+        what = ", ".join(f"{k}: {old.get(k)!r} there, {setup.get(k)!r} now" for k in diff)
         raise VlmrtError(f"{out} was made with a different setup ({what}); pass another --out to start a new file")
     return {e["image"]: e for e in doc.get("entries", []) if "image" in e}
 
@@ -124,6 +131,8 @@ def caption_folder(
     max_new_tokens: int = 64,
     recursive: bool = False,
     progress: bool = True,
+    num_beams: int = 1,
+    repetition_penalty: float = 1.0,
 ) -> dict:
     """Caption every image in `images_dir` into `out` (format in the module docstring); resumable.
 
@@ -133,9 +142,12 @@ def caption_folder(
         out: the JSON file; rewritten atomically after every batch, resumed when it exists.
         prompt: the question asked of every image.
         batch_size: images per batch.
-        max_new_tokens: caption length limit; decoding is greedy.
+        max_new_tokens: caption length limit.
         recursive: also caption images in subfolders.
         progress: show a progress bar with ETA on stderr.
+        num_beams: 1 decodes greedily; K > 1 with beam search (e.g. MiniCPM-V-2's release: 3 beams,
+            repetition_penalty 1.2), so captions can match how a release decodes.
+        repetition_penalty: > 1 discourages repeats (1.0: off).
 
     Returns:
         The document written to `out`.
@@ -146,10 +158,11 @@ def caption_folder(
         raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
     root, out = Path(images_dir), Path(out)
     names = list_images(root, recursive)
-    setup = caption_setup(pipe, root, prompt, max_new_tokens)
+    setup = caption_setup(pipe, root, prompt, max_new_tokens, num_beams, repetition_penalty)
     entries = load_previous(out, setup)
     todo = [n for n in names if "caption" not in entries.get(n, {})]
-    config = pipe.generation_config(max_new_tokens=max_new_tokens)
+    config = pipe.generation_config(max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                    repetition_penalty=repetition_penalty)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(names), initial=len(names) - len(todo), unit="img", desc="captioning",

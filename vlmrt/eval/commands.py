@@ -19,13 +19,16 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="captions JSON file; rewritten after every batch, resumed if it exists")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
     p.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default 64); greedy decoding")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default 64)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="1: greedy (default); K > 1: beam search, e.g. 3 with --repetition-penalty 1.2 as MiniCPM-V-2's release")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
     p.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def cmd_caption(args) -> int:
-    """Caption every image in a folder (greedy), in batches, into a JSON file written after every batch.
+    """Caption every image in a folder (greedy or beam search), in batches, into a JSON file written after every batch.
     Running the same command again resumes an interrupted run; unreadable images are recorded, not fatal."""
     from vlmrt.eval.caption import caption_folder, summarize
     from vlmrt.eval.images import list_images
@@ -35,7 +38,8 @@ def cmd_caption(args) -> int:
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
     _note_synthetic(pipe.loaded)
     doc = caption_folder(pipe, args.images, args.out, prompt=args.prompt, batch_size=args.batch,
-                         max_new_tokens=args.max_new_tokens, recursive=args.recursive, progress=not args.no_progress)
+                         max_new_tokens=args.max_new_tokens, recursive=args.recursive, progress=not args.no_progress,
+                         num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
     print(f"{summarize(doc)}; written to {args.out}", file=sys.stderr)
     return 0
 

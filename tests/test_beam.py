@@ -274,6 +274,9 @@ def test_bad_beam_settings_are_clear_errors(photo):
     loaded = load_tiny("minigpt4-tiny")
     with pytest.raises(VlmrtError, match="plain runtime cannot reorder its KV cache"):
         generate(NoReorder(), _batch(loaded, photo, PADDED), GenerationConfig(num_beams=2), loaded.tokenizer)
+    small = CompiledRuntime(loaded, max_batch=4, backend="eager")  # 2 prompts x 3 beams do not fit 4 rows
+    with pytest.raises(VlmrtError, match=r"above the compiled runtime's cache maximum of 4.*2 prompt\(s\) x 3 beams = 6"):
+        generate(small, _batch(loaded, photo, PADDED), GenerationConfig(num_beams=3), loaded.tokenizer)
 
 
 def test_cli_num_beams(capsys, photo):

@@ -167,7 +167,10 @@ def beam_search(runtime: StageRunner, batch: dict, cfg: GenerationConfig, tokeni
                          "cache, which beam search needs; use num_beams=1 or the eager runtime")
     input_ids, device = batch["input_ids"], batch["input_ids"].device
     (b, t), beams, n_max = input_ids.shape, cfg.num_beams, cfg.max_new_tokens
-    runtime.start(b * beams, t + n_max)
+    try:
+        runtime.start(b * beams, t + n_max)
+    except VlmrtError as e:  # the cache holds every beam: say so, or "batch of 9" puzzles a 3-image request
+        raise VlmrtError(f"{e} (beam search keeps {b} prompt(s) x {beams} beams = {b * beams} cache rows)") from None
     steps, search = _beam_steps(batch, beams, n_max), _Search.empty(b, beams, n_max, device)
     stops = _Stops(cfg, tokenizer, device)
 

@@ -108,6 +108,13 @@ def test_stop_strings_cut_the_answer(server, pipe, photo):
     assert out["choices"][0]["finish_reason"] == "stop"
 
 
+def test_num_beams_answers_with_beam_search(server, pipe, photo):
+    ref = alone(pipe, photo, num_beams=3, repetition_penalty=1.2)
+    status, out = post(server, chat(data_url(photo), num_beams=3, repetition_penalty=1.2))
+    assert status == 200 and out["choices"][0]["message"]["content"] == ref.texts[0]
+    assert out["usage"]["completion_tokens"] == len(ref.token_ids[0])
+
+
 def test_a_seed_reproduces_a_sampled_answer(server, photo):
     body = chat(data_url(photo), temperature=1.0, top_p=0.9, seed=7)
     answers = {post(server, body)[1]["choices"][0]["message"]["content"] for _ in range(2)}
@@ -208,6 +215,8 @@ BAD = {  # case: (photo -> body, what the message says)
     "bad max_tokens": (lambda photo: chat(data_url(photo), max_tokens=0), "`max_tokens` must be an integer >= 1"),
     "bad temperature": (lambda photo: chat(data_url(photo), temperature="hot"), "`temperature` must be a number"),
     "n above 1": (lambda photo: chat(data_url(photo), n=2), "`n` is not supported"),
+    "beams with sampling": (lambda photo: chat(data_url(photo), num_beams=3, temperature=0.7), "set `temperature` to 0"),
+    "bad num_beams": (lambda photo: chat(data_url(photo), num_beams=0), "`num_beams` must be an integer in [1, 16]"),
 }
 
 

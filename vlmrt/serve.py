@@ -174,7 +174,8 @@ def generation_config(body: dict, pipeline) -> tuple[GenerationConfig, bool]:
     """OpenAI sampling fields -> the model's GenerationConfig, and whether a sampled request has its seed.
 
     Greedy unless `temperature` > 0 (OpenAI's default is 1.0; vlmrt's is greedy, as in `vlmrt run`).
-    `top_k` and `repetition_penalty` are accepted as extensions (as vLLM does). Fields that do not
+    `top_k`, `repetition_penalty` and `num_beams` (beam search, greedy only) are accepted as
+    extensions (as vLLM does for the first two). Fields that do not
     change a greedy answer are reset for greedy requests, so those share batches.
     """
     num = (int, float)
@@ -184,12 +185,16 @@ def generation_config(body: dict, pipeline) -> tuple[GenerationConfig, bool]:
     top_p = _field(body, "top_p", 1.0, num, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = _field(body, "top_k", 0, int, lambda v: v >= 0, "an integer >= 0 (0 = off)")
     penalty = _field(body, "repetition_penalty", 1.0, num, lambda v: v > 0, "a number > 0 (1 = off)")
+    beams = _field(body, "num_beams", 1, int, lambda v: 1 <= v <= 16, "an integer in [1, 16] (1 = no beam search)")
     seed = _field(body, "seed", None, int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
     stops = _stop_strings(body.get("stop"))
     sample = temperature > 0
+    if sample and beams > 1:
+        raise HttpError(400, "`num_beams` > 1 searches deterministically; set `temperature` to 0 (or leave it out)")
     config = pipeline.generation_config(
         max_new_tokens=max_new, do_sample=sample, temperature=float(temperature) if sample else 1.0,
         top_k=top_k if sample else 0, top_p=float(top_p) if sample else 1.0, repetition_penalty=float(penalty),
+        num_beams=beams,
         seed=(seed or 0) if sample else 0, stop_strings=tuple(pipeline.loaded.spec.stop_strings) + stops,
     )
     return config, sample and seed is not None

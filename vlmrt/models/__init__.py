@@ -1,8 +1,8 @@
 """The model registry: a table from family name to its class, and `load_model`.
 
 A family class (models/<family>.py) provides: `presets` (name -> config), a constructor taking a
-config, `synthetic_tokenizer(config)`, `processor_spec`, `from_release(folder, device, dtype)` and
-`is_release_folder(folder)`. Adding a family is one file, one line here and one test entry
+config, `synthetic_tokenizer(config)`, `processor_spec` and `is_release_folder(folder)`; its module
+provides `load_release(folder, device, dtype) -> (model, tokenizer, config)`. Adding a family is one file, one line here and one test entry
 (tests/families.py).
 """
 
@@ -94,6 +94,6 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
     for family in FAMILIES:
         cls = family_class(family)
         if cls.is_release_folder(path):
-            model, tokenizer, cfg = cls.from_release(path, dev, tdtype)
+            model, tokenizer, cfg = importlib.import_module(cls.__module__).load_release(path, dev, tdtype)
             return LoadedModel(model, tokenizer, model.processor_spec, str(path), family, False, cfg, dev, tdtype)
     raise VlmrtError(f"{path} is not a model folder vlmrt recognizes (families: {', '.join(FAMILIES)}); see README 'Real checkpoints'")

@@ -249,10 +249,6 @@ class MiniCPMVForConditionalGeneration(nn.Module):
     presets = PRESETS
 
     @staticmethod
-    def from_release(folder, device, dtype):
-        return load_release(folder, device, dtype)
-
-    @staticmethod
     def is_release_folder(folder: Path) -> bool:
         """A folder whose config.json names the MiniCPMV architecture."""
         config = folder / "config.json"

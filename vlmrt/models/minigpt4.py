@@ -278,10 +278,6 @@ class MiniGPT4ForConditionalGeneration(SplicedLlamaStages, nn.Module):
     presets = PRESETS
 
     @staticmethod
-    def from_release(folder, device, dtype):
-        return load_release(folder, device, dtype)
-
-    @staticmethod
     def is_release_folder(folder: Path) -> bool:
         """A folder with eva_vit_g.pth or a *minigpt*.pth checkpoint is taken as a MiniGPT-4 release."""
         return folder.is_dir() and ((folder / "eva_vit_g.pth").exists() or any(folder.glob("*minigpt*.pth")))

@@ -234,10 +234,6 @@ class QWenLMHeadModel(SplicedLlamaStages, nn.Module):
     presets = PRESETS
 
     @staticmethod
-    def from_release(folder, device, dtype):
-        return load_release(folder, device, dtype)
-
-    @staticmethod
     def is_release_folder(folder: Path) -> bool:
         """A folder with qwen.tiktoken, or whose config.json names QWenLMHeadModel."""
         if not folder.is_dir():

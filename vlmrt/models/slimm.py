@@ -186,10 +186,6 @@ class SliMMForConditionalGeneration(Qwen2VLDecoder):
     presets = PRESETS
 
     @staticmethod
-    def from_release(folder, device, dtype):
-        return load_release(folder, device, dtype)
-
-    @staticmethod
     def is_release_folder(folder: Path) -> bool:
         cfg = folder / "config.json"
         if not (folder.is_dir() and cfg.is_file()):

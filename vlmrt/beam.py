@@ -43,7 +43,7 @@ import torch
 from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
 from vlmrt.generate import (GenerationOutput, RowText, StageRunner, StreamCallback, _Steps, _timings,
-                            apply_repetition_penalty, decode_one_token, prefill, prompt_positions, vision_inputs)
+                            apply_repetition_penalty, prefill, prompt_positions, vision_inputs)
 
 
 @dataclass
@@ -186,8 +186,7 @@ def beam_search(runtime: StageRunner, batch: dict, cfg: GenerationConfig, tokeni
     n = 1
     while n < n_max and bool(search.open.any()):
         runtime.reorder(rows)  # each new beam takes its parent's cache row
-        steps.mask[:, t + n - 1] = 1
-        logits = decode_one_token(runtime, tokens, steps.positions[n - 1], steps.mask, steps.slots[n - 1:n])
+        logits = steps.feed(runtime, tokens, n)
         rows, tokens = _select(search, _log_probs(logits, search, n, cfg, device), n, cfg, stops)
         n += 1
     runtime.synchronize()

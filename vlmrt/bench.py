@@ -38,7 +38,7 @@ import torch
 
 from vlmrt.config import DTYPES, GenerationConfig, resolve_device
 from vlmrt.errors import VlmrtError
-from vlmrt.generate import decode_one_token, generate, prefill, prompt_positions, vision_inputs
+from vlmrt.generate import forced_logits, generate
 from vlmrt.models import load_model
 from vlmrt.processor import Processor
 from vlmrt.runtimes import RUNTIMES, runtime_class
@@ -170,22 +170,8 @@ class VlmrtRunner:
 
 def teacher_forced(runtime, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
     """Run the stages over prompt + `tokens` [B,N]; return the argmax after each prefix [B,N]."""
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    (b, t), n, device = input_ids.shape, tokens.shape[1], input_ids.device
-    tokens = tokens.to(device)
     with torch.inference_mode():
-        runtime.start(b, t + n)
-        mask = torch.zeros(b, t + n, dtype=torch.long, device=device)
-        mask[:, :t] = attention_mask
-        positions = prompt_positions(batch)
-        position = positions.amax(dim=tuple(range(positions.dim() - 2))) if positions.dim() > 2 else positions
-        position = position[:, -1].expand(positions.shape[:-1])  # [...,B]
-        features = runtime.encode_images(batch["pixel_values"], **vision_inputs(batch))
-        picks = [prefill(runtime, runtime.embed(input_ids, features), mask, positions).argmax(-1)]
-        for i in range(n - 1):
-            mask[:, t + i] = 1
-            position = position + 1
-            picks.append(decode_one_token(runtime, tokens[:, i], position, mask, t + i).argmax(-1))
+        picks = [logits.argmax(-1) for logits in forced_logits(runtime, batch, tokens)]
     return torch.stack(picks, dim=1).cpu()  # [B,N]
 
 

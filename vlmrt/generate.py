@@ -249,11 +249,14 @@ class _Steps:
         self.host = torch.empty(n, b, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
         self.pending: dict[int, tuple] = {}
 
+    def feed(self, runtime: StageRunner, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        """Step i (1..N-1): open slot T+i-1 and feed tokens [B] there at positions[i-1]; logits [B,V]."""
+        self.mask[:, self.mask.shape[1] - self.history.shape[1] + i - 1] = 1
+        return decode_one_token(runtime, tokens, self.positions[i - 1], self.mask, self.slots[i - 1:i])
+
     def run(self, runtime: StageRunner, token: torch.Tensor, i: int, cfg, generator) -> torch.Tensor:
         """Step i: feed token i-1 [B] (the pad token to rows seen to stop), sample token i [B]."""
-        fed = token.masked_fill(self.done, cfg.pad_token_id)
-        self.mask[:, self.mask.shape[1] - self.history.shape[1] + i - 1] = 1
-        logits = decode_one_token(runtime, fed, self.positions[i - 1], self.mask, self.slots[i - 1:i])
+        logits = self.feed(runtime, token.masked_fill(self.done, cfg.pad_token_id), i)
         token = sample_next_token(logits.to(token.device), self.history[:, :i], cfg, generator)
         self.history[:, i] = token
         return token
@@ -271,6 +274,22 @@ class _Steps:
         if event is not None:
             event.synchronize()
         return token.tolist()
+
+
+def forced_logits(runtime: StageRunner, batch: dict, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Teacher forcing with `generate`'s bookkeeping: logits [B,V] after the prompt, then after each
+    prefix tokens[:, :i] (i = 1..N-1), feeding `tokens` [B,N] instead of the runtime's own picks.
+    For comparing runtimes on the same history (bench agreement, eval parity)."""
+    input_ids, n = batch["input_ids"], tokens.shape[1]
+    runtime.start(input_ids.shape[0], input_ids.shape[1] + n)
+    steps = _Steps(batch, n)
+    pixels = batch.get("pixel_values")
+    features = runtime.encode_images(pixels, **vision_inputs(batch)) if pixels is not None else None
+    out = [prefill(runtime, runtime.embed(input_ids, features), steps.mask, prompt_positions(batch))]
+    tokens = tokens.to(input_ids.device)
+    for i in range(1, n):
+        out.append(steps.feed(runtime, tokens[:, i - 1], i))
+    return out
 
 
 def generate(runtime: StageRunner, batch: dict, cfg: GenerationConfig, tokenizer,

@@ -29,7 +29,8 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.eval.images import list_images
-from vlmrt.generate import decode_one_token, generate, prefill, prompt_positions, split_embedded
+from vlmrt.generate import forced_logits as generate_forced_logits
+from vlmrt.generate import generate, prompt_positions, split_embedded, vision_inputs
 
 DEFAULT_PROMPT = "Describe this image."
 
@@ -67,14 +68,10 @@ def tensor_error(ref, other) -> dict:
     return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "rel": d.max().item() / scale}
 
 
-def _vision_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values", "position_ids")}
-
-
 def stage_outputs(runtime, batch: dict, steps: int, ref: dict | None = None) -> dict:
     """Each stage's output on `runtime`; with `ref` (the reference's outputs), each stage gets the
     reference's inputs, so the error measured is that stage's own."""
-    features = runtime.encode_images(batch["pixel_values"], **_vision_inputs(batch))
+    features = runtime.encode_images(batch["pixel_values"], **vision_inputs(batch))
     embedded = runtime.embed(batch["input_ids"], ref["vision"] if ref else features)
     inputs_embeds, extras = split_embedded(ref["embedding"] if ref else embedded)
     b, t = batch["input_ids"].shape
@@ -89,25 +86,8 @@ def stage_outputs(runtime, batch: dict, steps: int, ref: dict | None = None) -> 
 def forced_logits(runtime, batch: dict, tokens: list[int]) -> torch.Tensor:
     """Logits [N,V] (fp32, CPU) of a single-row batch at each of N steps, feeding `tokens` (the
     reference's) instead of the runtime's own picks: step 0 is the prefill's last position, step i
-    follows tokens[:i]. Mirrors the slot and position bookkeeping of `generate`."""
-    input_ids = batch["input_ids"]
-    b, t = input_ids.shape
-    n = len(tokens)
-    runtime.start(b, t + n)
-    mask = torch.zeros(b, t + n, dtype=torch.long)
-    mask[:, :t] = batch["attention_mask"]
-    positions = prompt_positions(batch)
-    position = positions.amax(dim=tuple(range(positions.dim() - 2))) if positions.dim() > 2 else positions
-    position = position[:, -1].expand(positions.shape[:-1])  # [...,B]: last prompt position
-    features = runtime.encode_images(batch["pixel_values"], **_vision_inputs(batch))
-    logits = prefill(runtime, runtime.embed(input_ids, features), mask, positions)
-    out = [logits.float().cpu()]
-    for i, token in enumerate(tokens[:-1]):
-        slot = t + i
-        mask[:, slot] = 1
-        position = position + 1
-        logits = decode_one_token(runtime, torch.tensor([token]), position, mask, slot)
-        out.append(logits.float().cpu())
+    follows tokens[:i] (`vlmrt.generate.forced_logits`, with `generate`'s slot and position bookkeeping)."""
+    out = [logits.float().cpu() for logits in generate_forced_logits(runtime, batch, torch.tensor([tokens]))]
     runtime.synchronize()
     return torch.cat(out)  # [N,V]
 

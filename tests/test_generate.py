@@ -93,7 +93,10 @@ def test_each_row_of_a_left_padded_batch_matches_its_solo_run(pipe, photo):
     cfg = pipe.generation_config(max_new_tokens=16, stop_token_ids=(), stop_strings=())
     batch = pipe([photo] * 3, prompts, cfg)
     for i, p in enumerate(prompts):
-        assert pipe([photo], [p], cfg).token_ids[0] == batch.token_ids[i], p
+        solo = pipe([photo], [p], cfg)
+        assert solo.token_ids[0] == batch.token_ids[i], p
+        assert batch.row_prompt_tokens[i] == solo.prompt_tokens == solo.row_prompt_tokens[0], p  # padding left out
+    assert batch.prompt_tokens == max(batch.row_prompt_tokens) > min(batch.row_prompt_tokens)
 
 
 def test_rows_finish_on_their_own(pipe, photo):

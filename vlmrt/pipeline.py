@@ -19,6 +19,7 @@ class Result:
     timings: dict  # preprocess_ms, vision_ms, prefill_ms, ttft_ms, decode_ms, ms_per_token, tokens_per_s
     prompt_tokens: int  # per row, padded, image tokens included
     notes: list[str] = field(default_factory=list)
+    row_prompt_tokens: list[int] = field(default_factory=list)  # each row's own length (padding left out)
 
 
 class Pipeline:
@@ -86,4 +87,5 @@ class Pipeline:
         timings = {"preprocess_ms": preprocess_ms, **out.timings}
         total_new = sum(len(ids) for ids in out.token_ids)
         timings["tokens_per_s"] = total_new / ((timings["ttft_ms"] + timings["decode_ms"]) / 1e3)
-        return Result(out.texts, out.token_ids, out.finish_reasons, timings, t, notes)
+        rows = batch["attention_mask"].sum(-1).tolist()
+        return Result(out.texts, out.token_ids, out.finish_reasons, timings, t, notes, rows)

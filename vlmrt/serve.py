@@ -329,7 +329,7 @@ class BatchWorker(threading.Thread):
 
     def _answer(self, result, row: int, batch: list[_Job]) -> dict:
         job = batch[row]
-        prompt_tokens = result.prompt_tokens if len(batch) == 1 else self._prompt_tokens(job.request)
+        prompt_tokens = result.row_prompt_tokens[row]  # its own length, not the batch's padded one
         completion_tokens = len(result.token_ids[row])
         return {
             "text": result.texts[row], "finish_reason": result.finish_reasons[row],
@@ -337,13 +337,6 @@ class BatchWorker(threading.Thread):
                       "total_tokens": prompt_tokens + completion_tokens},
             "vlmrt": {"timings": result.timings, "queue_ms": job.queue_ms, "batch_size": len(batch), "notes": result.notes},
         }
-
-    def _prompt_tokens(self, request: ChatRequest) -> int:
-        """One row's own prompt length, image tokens included (a batch's is padded to its longest)."""
-        proc = self.pipeline.processor
-        if not proc.spec.batch_hook:
-            return len(proc.prompt_ids(request.prompt))
-        return int(proc([request.image], [request.prompt])["attention_mask"].sum())  # the image sets the length
 
 
 def _route_text(batch: list[_Job], row: int, text: str) -> None:

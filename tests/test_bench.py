@@ -110,6 +110,7 @@ def test_batch_above_the_cache_maximum_is_an_error_row(tmp_path):
     (dict(dtype="fp8"), "unknown dtype"),
     (dict(new_tokens=100_000), "above the model's context"),
     (dict(prompt_tokens=1), "--prompt-tokens must be at least 2"),
+    (dict(new_tokens=2, profile=True), "--profile needs --new-tokens of at least 3"),  # before any run, not after
 ])
 def test_bad_settings_are_clear_errors(tmp_path, kw, message):
     with pytest.raises(VlmrtError, match=message):

@@ -80,6 +80,8 @@ def check_config(cfg: BenchConfig) -> None:
         raise VlmrtError("give at least one runtime (--runtime) and one batch size (--batch)")
     if min(cfg.batches) < 1 or cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0:
         raise VlmrtError("batch sizes and --repeats must be >= 1, --new-tokens >= 2, --warmup >= 0")
+    if cfg.profile and cfg.new_tokens < 3:
+        raise VlmrtError(f"--profile needs --new-tokens of at least 3 (2 are the baseline pass), got {cfg.new_tokens}")
     if cfg.dtype not in DTYPES:
         raise VlmrtError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     resolve_device(cfg.device)  # a clear error for --device cuda without a GPU, before loading anything

@@ -2,7 +2,6 @@
 checks that exit 2 with one line, a help that imports no torch, clean exits on a closed pipe, and the
 compile feedback of `vlmrt run`."""
 
-import json
 import os
 import subprocess
 import sys
@@ -90,8 +89,8 @@ BAD_NUMBERS = [  # (argv, what the one line says)
     (RUN + ["--repetition-penalty", "0"], "argument --repetition-penalty: must be in (0.0, inf), got 0"),
     (RUN + ["--temperature", "nan"], "argument --temperature: must be in [0.0, inf), got nan"),
     (RUN + ["--runtime", "eager,onnx"], "argument --runtime: this command runs one runtime"),
-    (["bench", "--model", "m", "--out", "o", "--batch", "1,0"], "argument --batch: must be at least 1, got 0"),
-    (["bench", "--model", "m", "--out", "o", "--batch", "1,two"], "argument --batch: expected an integer, got 'two'"),
+    (["bench", "--model", "m", "--out", "o", "--batch", "1,0"], "argument --batch: expected comma-separated integers >= 1, e.g. 1,2,4; got '1,0'"),
+    (["bench", "--model", "m", "--out", "o", "--batch", "1,two"], "argument --batch: expected comma-separated integers >= 1, e.g. 1,2,4; got '1,two'"),
     (["bench", "--model", "m", "--out", "o", "--repeats", "0"], "argument --repeats: must be at least 1"),
     (["bench", "--model", "m", "--out", "o", "--warmup", "-1"], "argument --warmup: must be at least 0"),
     (["bench", "--model", "m", "--out", "o", "--prompt-tokens", "1"], "argument --prompt-tokens: must be at least 2"),

@@ -68,9 +68,9 @@ non_negative_int = at_least(0)
 def int_list(text: str) -> tuple[int, ...]:
     """Comma-separated integers >= 1, e.g. `1,2,4` (batch sizes)."""
     items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
+    if not items or not all(x.isdigit() and int(x) >= 1 for x in items):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, e.g. 1,2,4; got {text!r}")
-    return tuple(positive_int(x) for x in items)
+    return tuple(int(x) for x in items)
 
 
 def name_list(text: str) -> tuple[str, ...]:
@@ -123,7 +123,7 @@ def model_args(p, dtypes: tuple[str, ...] = DTYPE_NAMES, device: bool = True, re
     g.add_argument("--dtype", default="fp32", choices=dtypes, help="weights and activations (default fp32)")
     if device:
         g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    g.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of sampling (default 0)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of synthetic weights and of sampling (default 0)")
     return g
 
 
@@ -136,7 +136,7 @@ def runtime_args(p, many: bool = False, default: str | None = None, extra_help: 
                        help=f"comma-separated runtimes: {names}{extra_help}" + (f" (default {default})" if default else ""))
         old_spelling(g, "--runtimes", "--runtime", "runtime", type=name_list)
     else:
-        g.add_argument("--runtime", type=one_name, default=None,
+        g.add_argument("--runtime", type=one_name, default=None, metavar="NAME",
                        help=f"{names}{extra_help} (default eager; an export folder runs on onnx)")
     return g
 
@@ -145,19 +145,19 @@ def generation_args(p, max_new_tokens: int = 64, sampling: bool = True, beams: b
                     tokens_help: str = "answer length limit"):
     """--max-new-tokens, and (sampling) temperature, top-k, top-p, repetition penalty, (beams) --num-beams."""
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, metavar="N",
                    help=f"{tokens_help} (default {max_new_tokens})")
     old_spelling(g, "--new-tokens", "--max-new-tokens", "max_new_tokens", type=positive_int)
     if sampling:
-        g.add_argument("--temperature", type=in_range(0.0), default=0.0, help="0 = greedy (default); > 0 samples")
-        g.add_argument("--top-k", type=non_negative_int, default=0, help="sample from the k most likely tokens (0 = off)")
-        g.add_argument("--top-p", type=in_range(0.0, 1.0, low_open=True), default=1.0,
+        g.add_argument("--temperature", type=in_range(0.0), default=0.0, metavar="T", help="0 = greedy (default); > 0 samples")
+        g.add_argument("--top-k", type=non_negative_int, default=0, metavar="K", help="sample from the k most likely tokens (0 = off)")
+        g.add_argument("--top-p", type=in_range(0.0, 1.0, low_open=True), default=1.0, metavar="P",
                        help="nucleus sampling mass, in (0, 1] (1.0 = off)")
     if sampling or beams:
-        g.add_argument("--repetition-penalty", type=in_range(0.0, low_open=True), default=1.0,
+        g.add_argument("--repetition-penalty", type=in_range(0.0, low_open=True), default=1.0, metavar="R",
                        help="> 1 discourages repeats (1.0 = off)")
     if beams:
-        g.add_argument("--num-beams", type=positive_int, default=1,
+        g.add_argument("--num-beams", type=positive_int, default=1, metavar="K",
                        help="beam search with K beams (1 = off, default; not with --temperature > 0); "
                             "the answer is printed once it is complete, not streamed")
     return g

@@ -16,7 +16,7 @@ from vlmrt.errors import VlmrtError
 from vlmrt.eval import caption
 from vlmrt.eval.caption import caption_folder
 from vlmrt.eval.ray_caption import PipelineSpec, caption_folder_ray
-from vlmrt.eval.ray_cluster import RayResources, _check_fits
+from vlmrt.eval.ray_cluster import RayResources, _check_fits, check_reachable
 
 TOKENS = 4
 POOL = ["--ray", "--actors", "2", "--cpus-per-actor", "0.5"]
@@ -52,7 +52,7 @@ def test_ray_captions_equal_local_and_a_killed_run_resumes(cluster, pipe, tmp_pa
 
     monkeypatch.setattr(caption.CaptionsFile, "add", add_then_kill)
     with pytest.raises(KeyboardInterrupt):
-        caption_folder_ray(PipelineSpec("minigpt4-tiny"), d, out, RayResources(actors=2, cpus_per_actor=0.5),
+        caption_folder_ray(PipelineSpec("minigpt4-tiny"), d, out, RayResources(actors=1, cpus_per_actor=0.5),
                            batch_size=2, max_new_tokens=TOKENS, progress=False)
     monkeypatch.undo()
     partial = json.loads(out.read_text())
@@ -87,17 +87,15 @@ def test_ray_errors_inside_the_cluster_are_one_line(cluster, tmp_path, capsys):
 
 
 @pytest.mark.timeout(240, method="signal")
-def test_ray_clipscore_equals_local(cluster, clip_dirs, data, tmp_path):  # noqa: F811
+def test_ray_clipscore_equals_local(cluster, clip_dirs, data):  # noqa: F811
     from vlmrt.eval.clip_loader import load_clip
     from vlmrt.eval.clipscore import clipscore_report
+    from vlmrt.eval.ray_clipscore import clipscore_report_ray
 
     _, oc_dir = clip_dirs
     images, a_file, b_file = data
     local = clipscore_report(load_clip(oc_dir), images, [a_file, b_file])
-    out = tmp_path / "score.json"
-    assert main(["eval", "clipscore", "--images", str(images), "--captions", str(a_file), str(b_file),
-                 "--clip", str(oc_dir), "--json", str(out), *POOL]) == 0
-    doc = json.loads(out.read_text())
+    doc = clipscore_report_ray(oc_dir, images, [a_file, b_file], RayResources(actors=2), batch_size=3)  # 2 blocks
     assert doc["source"] == "open_clip" and doc["notes"] == local["notes"]
     for r, l in zip(doc["sets"], local["sets"], strict=True):
         assert list(r["scores"]) == list(l["scores"]) and r["name"] == l["name"]
@@ -131,3 +129,7 @@ def test_ray_flags_and_resources_are_checked(tmp_path, capsys):
     _check_fits({"CPU": 2.0, "GPU": 1.0}, RayResources(actors=2, gpus_per_actor=1), local=False)  # may grow: a note
     assert "2 x 1 GPU but the cluster has 1; the job waits" in capsys.readouterr().err
     _check_fits({"CPU": 2.0}, RayResources(actors=4, cpus_per_actor=0.5), local=True)  # fits exactly
+    with pytest.raises(VlmrtError, match="cannot reach the Ray cluster at '127.0.0.1:1'"):
+        check_reachable("127.0.0.1:1")  # nothing listens on port 1: refused at once
+    with pytest.raises(VlmrtError, match="is not HOST:PORT"):
+        check_reachable("head-node")

@@ -71,13 +71,15 @@ def ray_cluster(resources: RayResources):
         VlmrtError: Ray is missing, the address cannot be reached, or the pool cannot fit the cluster.
     """
     ray = import_ray()
-    started = not ray.is_initialized()
+    started = not ray.is_initialized()  # a process that already called ray.init keeps its connection
     if started:
         address = resources.address or os.environ.get("RAY_ADDRESS") or "local"
+        if address != "local":
+            check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise VlmrtError(f"cannot reach the Ray cluster at {address!r} ({e}); check --address or RAY_ADDRESS")
+            raise VlmrtError(f"cannot join the Ray cluster at {address!r} ({e}); check --address or RAY_ADDRESS") from None
     try:
         _check_fits(ray.cluster_resources(), resources, local=started and ray_is_local(resources))
         from ray.data import DataContext
@@ -87,6 +89,25 @@ def ray_cluster(resources: RayResources):
     finally:
         if started:
             ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an address nothing listens at (`ray.init` would retry for minutes).
+
+    Raises:
+        VlmrtError: no TCP connection to the address's host and port within `timeout_s`.
+    """
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise VlmrtError(f"Ray address {address!r} is not HOST:PORT or ray://HOST:PORT; check --address or RAY_ADDRESS")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise VlmrtError(f"cannot reach the Ray cluster at {address!r} ({e}); check --address or RAY_ADDRESS, "
+                         "and that the cluster is up") from None
 
 
 def ray_is_local(resources: RayResources) -> bool:

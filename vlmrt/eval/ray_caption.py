@@ -122,6 +122,7 @@ def caption_folder_ray(
         The document written to `out`, in the format of `caption_folder`.
     """
     check_caption_args(batch_size, prompt)
+    resources.check_device(spec.device)
     root, out = Path(images_dir).resolve(), Path(out)
     names = list_images(root, recursive)
     spec = PipelineSpec(absolute(spec.model), spec.runtime, spec.device, spec.dtype, spec.seed)

@@ -73,6 +73,7 @@ def clipscore_report_ray(clip: str | os.PathLike, images_dir: str | os.PathLike,
 
     if batch_size < 1:
         raise VlmrtError(f"--batch must be at least 1, got {batch_size}")
+    resources.check_device(device)
     root, names, caps = read_sets(Path(images_dir).resolve(), caption_files)
     images = sorted(set().union(*caps))
     rows = [{"image": n, "captions": json.dumps([c.get(n) for c in caps])} for n in images]

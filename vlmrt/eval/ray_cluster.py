@@ -49,6 +49,11 @@ class RayResources:
         """torch threads in an actor: its whole CPUs, at least one."""
         return max(1, int(self.cpus_per_actor))
 
+    def check_device(self, device: str) -> None:
+        """Ray hides every GPU from an actor that reserves none: refuse cuda without --gpus-per-actor."""
+        if device.startswith("cuda") and self.gpus_per_actor == 0:
+            raise VlmrtError(f"--device {device} with --ray needs GPUs per actor, e.g. --gpus-per-actor 1")
+
     def remote_args(self) -> dict:
         return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_actor}
 

@@ -56,7 +56,8 @@ def ray_resources(args):
 
 def cmd_caption(args) -> int:
     """Caption every image in a folder (greedy or beam search), in batches, into a JSON file written after every batch.
-    Running the same command again resumes an interrupted run; unreadable images are recorded, not fatal."""
+    Running the same command again resumes an interrupted run; unreadable images are recorded, not fatal.
+    With --ray, a pool of Ray actors captions into the same file (docs/ray.md)."""
     from vlmrt.eval.caption import caption_folder, summarize
     from vlmrt.eval.images import list_images
     from vlmrt.pipeline import Pipeline
@@ -145,7 +146,8 @@ def add_clipscore_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_clipscore(args) -> int:
     """Score caption sets against their images with a local CLIP model (CLIP-S = 2.5 * max(cos, 0),
-    Hessel et al. 2021); report means, and each set against the first with a paired bootstrap interval."""
+    Hessel et al. 2021); report means, and each set against the first with a paired bootstrap interval.
+    With --ray, a pool of Ray actors does the embedding (docs/ray.md)."""
     from vlmrt.eval.clip_loader import load_clip
     from vlmrt.eval.clipscore import clipscore_report, markdown, read_captions
     from vlmrt.eval.images import list_images, write_json_atomic

@@ -50,7 +50,8 @@ class RayResources:
         return max(1, int(self.cpus_per_actor))
 
     def check_device(self, device: str) -> None:
-        """Ray hides every GPU from an actor that reserves none: refuse cuda without --gpus-per-actor."""
+        """Refuse cuda without --gpus-per-actor: Ray gives no GPU to an actor that reserves none (it may
+        place it on a node without one, and such actors would all share the first GPU unscheduled)."""
         if device.startswith("cuda") and self.gpus_per_actor == 0:
             raise VlmrtError(f"--device {device} with --ray needs GPUs per actor, e.g. --gpus-per-actor 1")
 

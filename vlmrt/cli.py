@@ -19,7 +19,7 @@ from vlmrt.eval.commands import add_caption_args, add_eval_args, cmd_caption, cm
 
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a folder with a release or an export")
-    p.add_argument("--runtime", default="eager", help="eager (default), compiled or onnx (an export folder always runs on onnx)")
+    p.add_argument("--runtime", default="eager", help="eager (default), compiled, onnx or aoti (an export folder runs on the runtime its manifest names)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of sampling (default 0)")
@@ -143,15 +143,21 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (presets; default 0)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "aoti"], help="onnx graphs (default) or AOTInductor .pt2 packages")
+    p.add_argument("--static-shapes", action="store_true", help="onnx: fixed shapes only, one graph per bucket (for Ascend ATC)")
+    p.add_argument("--batch", help="--static-shapes: batch buckets, e.g. 1,4 (default 1)")
+    p.add_argument("--seq", help="--static-shapes: sequence buckets, e.g. 128,512; the largest is the KV cache (default 512)")
 
 
 def cmd_export(args) -> int:
-    """Export a model's vision, embedding and decoder stages to ONNX graphs, with the tokenizer and a
-    manifest; `vlmrt run --model OUT ...` then runs it on ONNX Runtime with no model code."""
+    """Export a model's vision, embedding and decoder stages (ONNX graphs or AOTInductor packages),
+    with the tokenizer and a manifest; `vlmrt run --model OUT ...` then runs it with no model code."""
     from vlmrt.export import export
 
-    m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed)
-    print(f"exported {m.name} ({m.family}, {m.dtype}) to {args.out}: " + ", ".join(s.file for s in m.stages.values()))
+    m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed,
+               format=args.format, static_shapes=args.static_shapes, batch=args.batch, seq=args.seq)
+    files = [g.info.file for g in m.graphs] or [s.file for s in m.stages.values()]
+    print(f"exported {m.name} ({m.family}, {m.dtype}) to {args.out}: " + ", ".join(files))
     return 0
 
 

@@ -35,10 +35,12 @@ class Pipeline:
 
         self.loaded = loaded
         self.processor = Processor(loaded.spec, loaded.tokenizer)
-        if loaded.model is None:  # an export folder holds graphs only: ONNX Runtime runs them
-            if runtime not in ("eager", "onnx"):
-                raise VlmrtError(f"{loaded.name} is an ONNX export; it runs on --runtime onnx, not {runtime}")
-            runtime = "onnx"
+        if loaded.model is None:  # an export folder holds graphs only: the runtime its manifest names runs them
+            own = getattr(loaded.config, "runtime", "onnx")
+            if runtime not in ("eager", own):
+                kind = "an AOTInductor" if own == "aoti" else "an ONNX"
+                raise VlmrtError(f"{loaded.name} is {kind} export; it runs on --runtime {own}, not {runtime}")
+            runtime = own
         self.runtime = runtime_class(runtime)(loaded, **(runtime_options or {}))
 
     @classmethod

@@ -5,7 +5,7 @@ into a `.pt2` package that runs with no vlmrt model code (`--runtime aoti`, vlmr
  LoadedModel ─► per graph: example inputs (vlmrt/export/onnx.py default_io + the family hook)
    vision.pt2          pixel_values [batch,3,H,W] (+ family inputs)     ─► image_features
    embedding.pt2       input_ids [batch,sequence], image_features [batch,image_tokens,D] ─► inputs_embeds
-   embedding_text.pt2  input_ids [batch,sequence], text only (decode steps)
+                       (text only, decode steps: image_tokens = 0)
    decoder.pt2         the static-cache decoder (static_cache.py): cache [batch,H_kv,cache_sequence,hd]
    each: torch.export.export(module, args, dynamic_shapes={batch, sequence, image_tokens, cache_sequence})
          ─► aoti_compile_and_package(ep, <graph>.pt2, inductor_configs) ─► run once against eager
@@ -13,7 +13,7 @@ into a `.pt2` package that runs with no vlmrt model code (`--runtime aoti`, vlmr
 ```
 
 Dynamic dimensions: batch, sequence, image_tokens and cache_sequence are named `torch.export.Dim`s
-(min 1); any other named axis (MiniCPM-V-2's packed chunk axes) is exported static at the size the
+(min 1; image_tokens min 0, so one embedding package serves text-only calls too); any other named axis (MiniCPM-V-2's packed chunk axes) is exported static at the size the
 family hook declares in `StageIO.static_sizes` (the runtime pads to it, as for static ONNX exports).
 The AOTInductor runtime allocates the cache per request at [B,H_kv,max_seq,hd], so the attention
 covers only the slots a request can use.
@@ -36,7 +36,7 @@ from vlmrt.export.manifest import GraphInfo, Manifest, StageInfo, TensorInfo
 from vlmrt.export.onnx import StageIO, StageModule, axes_for, default_io
 from vlmrt.export.static import _hooked, at_sizes
 from vlmrt.export.static_cache import StaticCacheDecoder, example_inputs
-from vlmrt.stages import INPUT_IDS, INPUTS_EMBEDS, POSITION_IDS
+from vlmrt.stages import INPUTS_EMBEDS, POSITION_IDS
 
 DYNAMIC_DIMS = ("batch", "sequence", "image_tokens", "cache_sequence")
 FAST_COMPILE = {"aot_inductor.debug_compile": True, "cpp.vec_isa_ok": False}  # -O0, scalar kernels
@@ -46,7 +46,7 @@ def _dim(name: str, max_context: int):
     from torch.export import Dim
 
     top = {"batch": 1024, "image_tokens": 65536}.get(name, max_context)
-    return Dim(name, min=1, max=top)
+    return Dim(name, min=0 if name == "image_tokens" else 1, max=top)
 
 
 def _dynamic_shapes(io: StageIO, dims: dict) -> tuple:
@@ -113,7 +113,7 @@ def _decoder_io(loaded, embedded: dict, known: dict) -> StageIO:
 
 
 def export_graphs(loaded, out: Path, configs: dict, progress) -> list[GraphInfo]:
-    """The four packages of the module docstring."""
+    """The three packages of the module docstring."""
     model, ctx, graphs = loaded.model, loaded.model.max_context, []
     vio = _hooked(model, "vision", default_io("vision", loaded, {}))
     vio = at_sizes(vio, dict(vio.static_sizes))
@@ -123,19 +123,14 @@ def export_graphs(loaded, out: Path, configs: dict, progress) -> list[GraphInfo]
     feats = dict(zip(vision.output_names, outputs))
     graphs.append(compile_graph(vision, vio, out, "vision", "vision", ctx, configs, progress))
     known = {k: axes_for(k, vio.dynamic_axes) for k in feats}
-    embedded = {}
-    for stem, images in (("embedding", True), ("embedding_text", False)):
-        eio = _hooked(model, "embedding", default_io("embedding", loaded, feats if images else {}))
-        eio.dynamic_axes = {**known, **eio.dynamic_axes}
-        if not images:
-            eio.inputs = {INPUT_IDS: eio.inputs[INPUT_IDS]}
-        emb = StageModule(model, "embedding", list(eio.inputs), list(feats) if images else [])
-        with torch.no_grad():
-            outs = emb(*eio.inputs.values())
-        if images:
-            embedded = dict(zip(emb.output_names, outs))
-            known.update(eio.dynamic_axes)
-        graphs.append(compile_graph(emb, eio, out, stem, "embedding", ctx, configs, progress, images))
+    eio = _hooked(model, "embedding", default_io("embedding", loaded, feats))
+    eio.dynamic_axes = {**known, **eio.dynamic_axes}
+    emb = StageModule(model, "embedding", list(eio.inputs), list(feats))
+    with torch.no_grad():
+        outputs = emb(*eio.inputs.values())  # sets emb.output_names
+    embedded = dict(zip(emb.output_names, outputs))
+    known.update(eio.dynamic_axes)
+    graphs.append(compile_graph(emb, eio, out, "embedding", "embedding", ctx, configs, progress))
     dio = _decoder_io(loaded, embedded, known)
     decoder = StaticCacheDecoder(model, list(dio.inputs))
     graphs.append(compile_graph(decoder, dio, out, "decoder", "decoder", ctx, configs, progress))

@@ -4,7 +4,7 @@ is imported: the manifest gives every package's inputs and outputs by name.
 
 ```
  encode_images  pixel_values (+ named inputs, static axes padded) ─► vision.pt2 ─► image_features
- embed          input_ids (+ image_features) ─► embedding.pt2;  text only ─► embedding_text.pt2
+ embed          input_ids (+ image_features; text only: image_tokens = 0) ─► embedding.pt2
  start(b, n)    pasts = zeros [b,H_kv,n,hd] per layer (the cache_sequence dimension is dynamic)
  decode         inputs_embeds [b,t,D], position_ids, attention_mask [b,n],
                 cache_position [b,t] (the loop's slots for every row), logits_index = t-1
@@ -102,7 +102,7 @@ class AotiRuntime:
         elif image_features is not None:
             values[IMAGE_FEATURES] = image_features
         dims = {"batch": input_ids.shape[0], "sequence": input_ids.shape[1]}
-        return self._one_or_dict(self._call(("embedding", image_features is not None), values, dims), INPUTS_EMBEDS)
+        return self._one_or_dict(self._call(("embedding", True), values, dims), INPUTS_EMBEDS)  # missing: 0 tokens
 
     def start(self, batch_size: int, max_seq_len: int) -> None:
         """A zeroed cache of `max_seq_len` slots for `batch_size` rows."""

@@ -90,7 +90,11 @@ class AotiRuntime:
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
         """pixel_values [B,...] (+ named vision inputs) -> image_features [B,N,D] (or a dict)."""
-        outs = self._call(("vision", True), {"pixel_values": pixel_values, **vision_inputs}, {"batch": pixel_values.shape[0]})
+        from vlmrt.runtimes.onnx_static import cut_image_tokens
+
+        values = {"pixel_values": pixel_values, **vision_inputs}
+        outs = self._call(("vision", True), values, {"batch": pixel_values.shape[0]})
+        outs = cut_image_tokens(self.graphs[("vision", True)], values, outs)  # MiniCPM-V-2's padded chunks
         return self._one_or_dict(outs, IMAGE_FEATURES)
 
     @torch.inference_mode()

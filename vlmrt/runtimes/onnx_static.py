@@ -41,6 +41,31 @@ def pad_to(x: torch.Tensor, shape: tuple, name: str, graph: str) -> torch.Tensor
     return torch.nn.functional.pad(x, pad) if any(pad) else x
 
 
+def padded_fraction(inputs, values: dict) -> float:
+    """The part of a family's own static axis (not batch or sequence) that a call fills: e.g.
+    MiniCPM-V-2's chunks, 3 of the 10 the graph takes; 1.0 when no such axis is padded. The image
+    tokens of the output scale with it (chunks x queries), so the caller cuts them to that part."""
+    for t in inputs:
+        v = values.get(t.name)
+        for axis, dim in enumerate(t.dims or ()):
+            if (isinstance(dim, str) and dim not in ("batch", "sequence") and isinstance(t.shape[axis], int)
+                    and hasattr(v, "shape") and v.shape[axis] < t.shape[axis]):
+                return v.shape[axis] / t.shape[axis]
+    return 1.0
+
+
+def cut_image_tokens(graph_info, values: dict, outs: dict) -> dict:
+    """A vision call that fills only part of a padded family axis: its outputs' image_tokens axis
+    cut to the same part (the rest is what the padding produced)."""
+    part = padded_fraction(graph_info.inputs, values)
+    if part < 1.0:
+        for t in graph_info.outputs:
+            if "image_tokens" in (t.dims or ()) and torch.is_tensor(outs.get(t.name)):
+                axis = t.dims.index("image_tokens")
+                outs[t.name] = outs[t.name].narrow(axis, 0, round(outs[t.name].shape[axis] * part))
+    return outs
+
+
 class StaticOnnxRuntime(OnnxRuntime):
     """Runs a static-shape export (see the module docstring); a subclass of the onnx runtime that
     `OnnxRuntime(loaded)` becomes for such a folder."""
@@ -96,7 +121,8 @@ class StaticOnnxRuntime(OnnxRuntime):
     def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
         """pixel_values [b,...] (+ named vision inputs) -> image_features [b,N,D] (or a dict)."""
         b = pixel_values.shape[0]
-        outs = self._run_padded(self._pick("vision", b), {"pixel_values": pixel_values, **vision_inputs}, {"batch": b})
+        graph, values = self._pick("vision", b), {"pixel_values": pixel_values, **vision_inputs}
+        outs = cut_image_tokens(graph.info, values, self._run_padded(graph, values, {"batch": b}))
         return self._one_or_dict(outs, IMAGE_FEATURES)
 
     def embed(self, input_ids: torch.Tensor, image_features) -> torch.Tensor:

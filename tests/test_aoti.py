@@ -16,10 +16,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import ASSETS, load_tiny
+from conftest import ASSETS, assert_runtime_parity, load_tiny
 from families import FAMILY_TESTS
 from static_exports import aoti_exported
-from test_onnx_runtime import PROMPTS, _batch, _vision_inputs, images
+from test_onnx_runtime import PROMPTS, _batch, images
 from vlmrt.cli import main
 from vlmrt.errors import VlmrtError
 from vlmrt.export import read_manifest
@@ -68,15 +68,15 @@ def test_greedy_tokens_identical_to_eager(family, n, tmp_path_factory):
     assert out.token_ids == ref.token_ids
 
 
-def test_stages_match_eager(folder):
-    eager = Pipeline(load_tiny(FAMILY_TESTS[CI_FAMILY]["tiny"]), "eager")
+def test_every_stage_and_step_matches_eager(folder):
+    """Tensor-level parity (vlmrt/eval/tensor_parity.py) with eager fp32: image features, embeddings,
+    prefill logits, KV cache and 4 decode steps on 3 left-padded rows; and text-only embedding."""
+    loaded = load_tiny(FAMILY_TESTS[CI_FAMILY]["tiny"])
     rt = Pipeline(load_model(str(folder))).runtime
-    batch = _batch(eager.processor, 2)
-    feats = eager.runtime.encode_images(batch["pixel_values"], **_vision_inputs(batch))
-    torch.testing.assert_close(rt.encode_images(batch["pixel_values"]), feats, rtol=RTOL, atol=ATOL)
-    ids = batch["input_ids"]
-    torch.testing.assert_close(rt.embed(ids, feats), eager.runtime.embed(ids, feats), rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(rt.embed(ids[:, -1:], None), eager.runtime.embed(ids[:, -1:], None), rtol=RTOL, atol=ATOL)
+    assert_runtime_parity(loaded, rt, steps=4)
+    eager = Pipeline(loaded, "eager").runtime
+    ids = _batch(Pipeline(loaded, "eager").processor, 2)["input_ids"][:, -2:]
+    torch.testing.assert_close(rt.embed(ids, None), eager.embed(ids, None), rtol=RTOL, atol=ATOL)
 
 
 def test_runs_with_no_model_code_imported(folder):

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import load_tiny
+from conftest import assert_runtime_parity, load_tiny
 from families import FAMILY_TESTS
 from static_exports import BATCH, SEQ, static_exported
 from test_onnx_runtime import PROMPTS, images
@@ -114,6 +114,13 @@ def _greedy(folder, n):
 def test_static_export_gives_the_greedy_tokens_of_eager(folder):
     """3 rows of different lengths (left-padded) in the batch bucket of 4: one row of padding."""
     _greedy(folder, 3)
+
+
+def test_every_stage_and_step_matches_eager(folder):
+    """Tensor-level parity (vlmrt/eval/tensor_parity.py): image features, embeddings, prefill logits,
+    the KV cache after prefill and 4 decode steps' logits, on 3 left-padded rows, fp32 tolerances."""
+    m = read_manifest(folder)
+    assert_runtime_parity(load_tiny(m.name), Pipeline(load_model(str(folder))).runtime, steps=4)
 
 
 def test_one_row_padded_to_the_bucket(tmp_path_factory):

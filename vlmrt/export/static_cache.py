@@ -108,7 +108,8 @@ def example_inputs(model, embeds: torch.Tensor, seq_len: int, extras: dict | Non
     dev = embeds.device
     start = torch.arange(b, device=dev)[:, None] * min(2, max(seq_len - t, 0) // max(b, 1))  # [B,1]
     slots = start + torch.arange(t, device=dev)  # [B,T]
-    positions = slots[None].expand(3, -1, -1).contiguous() if mrope else slots
+    positions = slots[None].expand(3, -1, -1).contiguous() if mrope else slots.clone()  # never the same tensor:
+    # torch.export merges an input passed twice into one, and the graph would read positions as slots
     mask = (torch.arange(seq_len, device=dev)[None] <= slots[:, -1:]).long()  # [B,S]
     gen = torch.Generator().manual_seed(1)
     kv = lambda: torch.randn(b, model.num_kv_heads, seq_len, model.head_dim, generator=gen).to(dev, embeds.dtype)

@@ -13,6 +13,7 @@ from onnx_exports import exported
 from vlmrt.cli import main
 from vlmrt.errors import VlmrtError
 from vlmrt.export import FORMAT_VERSION, read_manifest
+from vlmrt.export.manifest import MIN_FORMAT_VERSION
 from vlmrt.export.onnx import StageIO
 from vlmrt.models import load_model
 from vlmrt.stages import STAGES
@@ -36,7 +37,7 @@ def export_copy(tmp_path, tmp_path_factory):
 def test_export_writes_graphs_tokenizer_and_manifest(family, tmp_path_factory):
     loaded, out = load_tiny(tiny(family)), exported(tiny(family), tmp_path_factory)
     m = read_manifest(out)
-    assert json.loads((out / "manifest.json").read_text())["format_version"] == FORMAT_VERSION
+    assert json.loads((out / "manifest.json").read_text())["format_version"] == MIN_FORMAT_VERSION  # a dynamic export still writes version 1
     assert (m.family, m.dtype, m.image_token_id) == (family, "fp32", loaded.model.image_token_id)
     model = loaded.model
     assert (m.num_layers, m.num_kv_heads, m.head_dim, m.max_context) == (
@@ -160,7 +161,7 @@ def test_corrupt_manifest(export_copy, content, match):
         load_model(str(export_copy))
 
 
-@pytest.mark.parametrize("version, match", [(FORMAT_VERSION + 1, "newer"), (FORMAT_VERSION - 1, "older")])
+@pytest.mark.parametrize("version, match", [(FORMAT_VERSION + 1, "newer"), (MIN_FORMAT_VERSION - 1, "older")])
 def test_manifest_from_another_format_version(export_copy, capsys, version, match):
     path = export_copy / "manifest.json"
     path.write_text(path.read_text().replace('"format_version": 1', f'"format_version": {version}'))

@@ -151,11 +151,15 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the export folder (absent or empty unless --force)")
     p.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
+    p.add_argument("--format", default="onnx", choices=["onnx", "aoti"], help="onnx graphs (default) or AOTInductor .pt2 packages")
+    p.add_argument("--static-shapes", action="store_true", help="onnx: fixed shapes only, one graph per bucket (for Ascend ATC)")
+    p.add_argument("--batch", help="--static-shapes: batch buckets, e.g. 1,4 (default 1)")
+    p.add_argument("--seq", help="--static-shapes: sequence buckets, e.g. 128,512; the largest is the KV cache (default 512)")
 
 
 def cmd_export(args) -> int:
-    """Export a model's vision, embedding and decoder stages to ONNX graphs, with the tokenizer and a
-    manifest; `vlmrt run --model OUT ...` then runs it on ONNX Runtime with no model code.
+    """Export a model's vision, embedding and decoder stages (ONNX graphs or AOTInductor packages),
+    with the tokenizer and a manifest; `vlmrt run --model OUT ...` then runs it with no model code.
     fp16 is for GPU providers (ONNX Runtime's CPU kernels are fp32)."""
     from vlmrt.export import export
     from vlmrt.progress import StepBar
@@ -170,8 +174,9 @@ def cmd_export(args) -> int:
         raise VlmrtError("no model to export; give one with --model PRESET_OR_FOLDER (see `vlmrt models`)")
     with StepBar(total=5, desc="export", log_prefix="vlmrt export") as bar:  # load, 3 stages, tokenizer + manifest
         m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed,
-                   progress=bar.step)
-    print(f"exported {m.name} ({m.family}, {m.dtype}) to {args.out}: " + ", ".join(s.file for s in m.stages.values()))
+                   progress=bar.step, format=args.format, static_shapes=args.static_shapes, batch=args.batch, seq=args.seq)
+    files = [g.info.file for g in m.graphs] or [s.file for s in m.stages.values()]
+    print(f"exported {m.name} ({m.family}, {m.dtype}) to {args.out}: " + ", ".join(files))
     return 0
 
 

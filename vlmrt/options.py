@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-RUNTIME_NAMES = ("compiled", "eager", "onnx")  # vlmrt.runtimes.RUNTIMES, without importing it
 MODEL_HELP = "a preset (see `vlmrt models`) or a folder with a release or an export"
 
 
@@ -130,14 +129,16 @@ def model_args(p, dtypes: tuple[str, ...] = DTYPE_NAMES, device: bool = True, re
 def runtime_args(p, many: bool = False, default: str | None = None, extra_help: str = ""):
     """--runtime: one name, or (many) a comma list whose order a command may give meaning to."""
     g = p.add_argument_group("runtime")
-    names = ", ".join(RUNTIME_NAMES)
+    from vlmrt.runtimes import RUNTIMES  # a table of names: no torch
+
+    names = ", ".join(RUNTIMES)
     if many:
         g.add_argument("--runtime", type=name_list, default=name_list(default) if default else None, metavar="A,B,...",
                        help=f"comma-separated runtimes: {names}{extra_help}" + (f" (default {default})" if default else ""))
         old_spelling(g, "--runtimes", "--runtime", "runtime", type=name_list)
     else:
         g.add_argument("--runtime", type=one_name, default=None, metavar="NAME",
-                       help=f"{names}{extra_help} (default eager; an export folder runs on onnx)")
+                       help=f"{names}{extra_help} (default eager; an export folder runs on the runtime its manifest names)")
     return g
 
 

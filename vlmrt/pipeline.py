@@ -42,12 +42,15 @@ class Pipeline:
         self.loaded = loaded
         self.processor = Processor(loaded.spec, loaded.tokenizer)
         self.notes: list[str] = []  # what the user asked for and did not get (one line each)
-        if loaded.model is None:  # an export folder holds graphs only: ONNX Runtime runs them
-            if runtime not in (None, "eager", "onnx"):
-                raise VlmrtError(f"{loaded.name} is an ONNX export; it runs on --runtime onnx, not {runtime}")
+        if loaded.model is None:  # an export folder holds graphs only: the runtime its manifest names runs them
+            own = getattr(loaded.config, "runtime", "onnx")
+            if runtime not in (None, "eager", own):
+                kind = "an AOTInductor" if own == "aoti" else "an ONNX"
+                raise VlmrtError(f"{loaded.name} is {kind} export; it runs on --runtime {own}, not {runtime}")
             if runtime == "eager":
-                self.notes.append(f"{loaded.name} is an ONNX export: it runs on onnx, not eager (--runtime onnx says so)")
-            runtime = "onnx"
+                self.notes.append(f"{loaded.name} is {'an AOTInductor' if own == 'aoti' else 'an ONNX'} export: it runs on "
+                                  f"{own}, not eager (--runtime {own} says so)")
+            runtime = own
         self.runtime = runtime_class(runtime or "eager")(loaded, **(runtime_options or {}))
 
     @classmethod

@@ -25,6 +25,8 @@ INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
+CACHE_POSITION = "cache_position"  # static-cache decoder: [B,T] slot of each new token in its row
+LOGITS_INDEX = "logits_index"  # static-cache decoder: [B] which of the T positions gives the row's logits
 
 
 def past_key_name(layer: int) -> str:

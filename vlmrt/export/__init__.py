@@ -14,8 +14,9 @@ from vlmrt.export.onnx import DEFAULT_OPSET, EXPORT_DTYPES, StageIO, ensure_expo
 
 
 def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, force: bool = False,
-           seed: int = 0, progress=print_progress) -> Manifest:
-    """Export a preset or a release folder to `out` (manifest.json, vision/embedding/decoder.onnx,
+           seed: int = 0, progress=print_progress, format: str = "onnx", static_shapes: bool = False,
+           batch: str | None = None, seq: str | None = None, device: str = "cpu") -> Manifest:
+    """Export a preset or a release folder to `out` (manifest.json, the stages' graphs or packages,
     tokenizer files).
 
     Args:
@@ -26,15 +27,41 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         force: overwrite an earlier export in a non-empty `out`.
         seed: seed of the synthetic weights (presets only).
         progress: called with one line per step (None: silent).
+        format: "onnx" (graphs for ONNX Runtime) or "aoti" (AOTInductor .pt2 packages).
+        static_shapes: onnx only: fixed shapes, one graph per bucket (vlmrt/export/static.py).
+        batch: static batch buckets, "1,4" (default 1).
+        seq: static sequence buckets, "128,512" (default 512); the largest is the KV-cache size.
+        device: where the model is built and, for aoti, what the packages run on.
     """
     from vlmrt.errors import VlmrtError
     from vlmrt.models import load_model
 
     if dtype not in EXPORT_DTYPES:
         raise VlmrtError(f"cannot export in {dtype!r}; use --dtype fp32 or fp16")
+    if format not in ("onnx", "aoti"):
+        raise VlmrtError(f"unknown export format {format!r}; use --format onnx or aoti")
+    if (batch or seq) and not static_shapes:
+        raise VlmrtError("--batch and --seq set the buckets of a static export; add --static-shapes")
+    if static_shapes and format != "onnx":
+        raise VlmrtError("--static-shapes is for --format onnx; AOTInductor packages keep batch and sequence dynamic")
+    shapes = None
+    if static_shapes:
+        from vlmrt.export.static import StaticShapes, parse_buckets
+
+        shapes = StaticShapes(parse_buckets(batch, "--batch", (1,)), parse_buckets(seq, "--seq", (512,)))
+        shapes.check(10**9)  # the context is checked once the model is loaded
     out = Path(out)
     prepare_out(out, force)  # fail before spending time on loading the model
-    return export_model(load_model(model, dtype=dtype, seed=seed), out, opset=opset, force=True, progress=progress)
+    loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+    if format == "aoti":
+        from vlmrt.export.aoti import export_aoti_model
+
+        return export_aoti_model(loaded, out, force=True, progress=progress)
+    if shapes is not None:
+        from vlmrt.export.static import export_static_model
+
+        return export_static_model(loaded, out, shapes, opset=opset, force=True, progress=progress)
+    return export_model(loaded, out, opset=opset, force=True, progress=progress)
 
 
 __all__ = ["FORMAT_VERSION", "Manifest", "StageIO", "ensure_export", "export", "export_model", "is_export_folder",

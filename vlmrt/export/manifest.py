@@ -1,11 +1,13 @@
 """manifest.json: what an export folder holds and everything needed to run it without model code.
 
-Schema (format_version 1; docs/export.md has a worked example):
+Schema (format_version 2; version 1, the dynamic ONNX export without the fields marked v2, is
+still written for it and read; docs/export.md has a worked example):
 
 ```
  {
-   "format": "vlmrt-onnx-export",        # fixed
-   "format_version": 1,                   # FORMAT_VERSION; another value is refused
+   "format": "vlmrt-onnx-export",        # fixed (also for AOTInductor packages)
+   "format_version": 1 or 2,              # 2 when a v2 field is used; other values are refused
+   "runtime": "onnx" | "aoti",            # v2: the runtime that runs the folder (default "onnx")
    "vlmrt_version": "0.2.0", "exporter": "torch.onnx TorchScript, torch 2.13.0", "opset": 17,
    "model": {"name", "family", "synthetic", "seed", "config_hash", "dtype"},
    "kv_cache": {"num_layers", "num_kv_heads", "head_dim", "max_context"},
@@ -15,8 +17,11 @@ Schema (format_version 1; docs/export.md has a worked example):
    "stages": {"vision" | "embedding" | "decoder": {
        "file": "decoder.onnx", "external_data": "decoder.onnx.data" or null,
        "inputs":  [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 4096]}, ...],
-       "outputs": [...]}}
- }
+       "outputs": [...]}},
+   "static": {"batch": [1], "sequence": [512], "cache_len": 512},   # v2: static-shape exports only
+   "graphs": [{"stage": "decoder", "batch": 1, "sequence": 512, "images": false,   # v2: every bucket's
+               "file": ..., "inputs": [..., "dims": ["batch", "sequence", 32]], ...}]  # graph; `dims`: the
+ }                                                                    # dimension names of a static shape
 ```
 
 A shape entry is an int (fixed) or a dimension name (dynamic), the names used in shape comments:
@@ -33,7 +38,8 @@ from vlmrt.errors import VlmrtError
 from vlmrt.processor import ProcessorSpec
 
 FORMAT = "vlmrt-onnx-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this vlmrt reads and writes
+MIN_FORMAT_VERSION = 1  # the oldest it reads (and what a dynamic ONNX export still writes)
 MANIFEST = "manifest.json"
 
 
@@ -42,13 +48,16 @@ class TensorInfo:
     name: str
     dtype: str  # numpy dtype name: "float32", "float16", "int64", ...
     shape: tuple  # each entry an int or a dimension name
+    dims: tuple | None = None  # static exports: each axis's dimension name (or its size), for padding
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return d if self.dims is None else {**d, "dims": list(self.dims)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorInfo":
-        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+        dims = tuple(d["dims"]) if d.get("dims") is not None else None
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]), dims)
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,26 @@ class StageInfo:
     def from_dict(cls, d: dict) -> "StageInfo":
         return cls(d["file"], d.get("external_data"), tuple(TensorInfo.from_dict(t) for t in d["inputs"]),
                    tuple(TensorInfo.from_dict(t) for t in d["outputs"]))
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """One graph of a static-shape (or AOTInductor) export: its stage, its bucket and its I/O."""
+
+    stage: str
+    batch: int | None  # None: a dynamic dimension
+    sequence: int | None  # None for vision, or dynamic
+    images: bool  # embedding: takes image features (prefill) or not (text only: decode steps)
+    info: StageInfo
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "batch": self.batch, "sequence": self.sequence, "images": self.images,
+                **self.info.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphInfo":
+        return cls(str(d["stage"]), d.get("batch"), d.get("sequence"), bool(d.get("images", True)),
+                   StageInfo.from_dict(d))
 
 
 @dataclass(frozen=True)
@@ -89,11 +118,20 @@ class Manifest:
     vlmrt_version: str = ""
     exporter: str = ""
     opset: int = 0
+    runtime: str = "onnx"  # the runtime that runs this folder: "onnx" or "aoti"
+    static: dict | None = None  # static-shape exports: {"batch": [...], "sequence": [...], "cache_len": S}
+    graphs: tuple = ()  # GraphInfo per bucket (static and aoti exports); `stages` holds the first of each
+
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION if (self.runtime != "onnx" or self.static or self.graphs) else MIN_FORMAT_VERSION
 
     def to_dict(self) -> dict:
+        v2 = {"runtime": self.runtime, "static": self.static, "graphs": [g.to_dict() for g in self.graphs]}
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
+            **(v2 if self.format_version > MIN_FORMAT_VERSION else {}),
             "vlmrt_version": self.vlmrt_version,
             "exporter": self.exporter,
             "opset": self.opset,
@@ -118,7 +156,8 @@ class Manifest:
             processor=ProcessorSpec.from_dict(d["processor"]),
             stages={k: StageInfo.from_dict(v) for k, v in d["stages"].items()},
             tokenizer_files=tuple(d.get("tokenizer_files", ())), vlmrt_version=d.get("vlmrt_version", ""),
-            exporter=d.get("exporter", ""), opset=int(d.get("opset", 0)),
+            exporter=d.get("exporter", ""), opset=int(d.get("opset", 0)), runtime=str(d.get("runtime", "onnx")),
+            static=d.get("static"), graphs=tuple(GraphInfo.from_dict(g) for g in d.get("graphs", ())),
         )
 
 
@@ -157,11 +196,12 @@ def read_manifest(folder: str | Path, check_files: bool = True) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise VlmrtError(f"{path} is not a vlmrt export manifest (no \"format\": \"{FORMAT}\"); {redo}")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if not (isinstance(version, int) and MIN_FORMAT_VERSION <= version <= FORMAT_VERSION):
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise VlmrtError(f"{path} has format version {version}, newer than this vlmrt reads ({FORMAT_VERSION}); "
                              f"upgrade vlmrt, or {redo}")
-        raise VlmrtError(f"{path} has format version {version!r}, older than this vlmrt reads ({FORMAT_VERSION}); {redo}")
+        raise VlmrtError(f"{path} has format version {version!r}, older than this vlmrt reads "
+                         f"({MIN_FORMAT_VERSION}); {redo}")
     try:
         manifest = Manifest.from_dict(data)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -179,7 +219,7 @@ def check_export_files(folder: Path, manifest: Manifest) -> None:
     for stage in STAGES:
         if stage not in manifest.stages:
             raise VlmrtError(f"{folder / MANIFEST} names no {stage} graph; {redo}")
-        info = manifest.stages[stage]
+    for stage, info in [(s, manifest.stages[s]) for s in STAGES] + [(g.stage, g.info) for g in manifest.graphs]:
         for name in (info.file, info.external_data):
             if name and not (folder / name).is_file():
                 raise VlmrtError(f"export folder {folder} is missing {name} (the {stage} stage); {redo}")

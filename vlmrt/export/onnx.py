@@ -35,6 +35,8 @@ returns a dict gets one graph output per key. Examples (not code here):
   of the same name automatically; the hook declares its axes and, for M-RoPE, sets
   `io.inputs["position_ids"]` to a [3,B,T] example with axes {1: "batch", 2: "sequence"}.
 - MiniCPM-V-2: the vision hook gives `pixel_values` axes {0: "slices"} and adds its slice inputs.
+For static exports (vlmrt/export/static.py) a hook may set `io.static_sizes` (dimension name ->
+size) for named axes other than batch and sequence; MiniCPM-V-2 fixes its chunk axes there.
 At run time an input the caller leaves out is fed as zeros whose named dimensions take the sizes
 known at that call (batch, sequence, past_sequence, total_sequence) and 0 otherwise, so a family's
 extra inputs must treat zeros (or an empty axis) as "nothing to add". MiniGPT-4 needs no hook.
@@ -91,6 +93,7 @@ class StageIO:
 
     inputs: dict[str, torch.Tensor]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # inputs and outputs
+    static_sizes: dict[str, int] = field(default_factory=dict)  # static exports: dimension name -> size
 
 
 def print_progress(message: str) -> None:
@@ -140,7 +143,7 @@ class StageModule(nn.Module):
     def _embedding(self, named):
         ids = named.pop(INPUT_IDS)
         feats = {k: named.pop(k) for k in self.upstream_names if k in named}
-        arg = feats.get(IMAGE_FEATURES) if list(feats) == [IMAGE_FEATURES] else feats
+        arg = feats.get(IMAGE_FEATURES) if list(feats) == [IMAGE_FEATURES] else (feats or None)  # None: text only
         return _flatten(self.model.embed(ids, arg, **named), INPUTS_EMBEDS)
 
     def _decoder(self, named):
@@ -253,12 +256,19 @@ def _value_info(v) -> TensorInfo:
     return TensorInfo(v.name, helper.tensor_dtype_to_np_dtype(tt.elem_type).name, shape)
 
 
-def export_stage(module: StageModule, io: StageIO, out: Path, opset: int, progress: Progress) -> StageInfo:
-    """Trace one stage to `out`/<stage>.onnx (+ .onnx.data), prune, save, check."""
+def export_stage(module: StageModule, io: StageIO, out: Path, opset: int, progress: Progress,
+                 stem: str | None = None, static: bool = False, fold: Callable | None = None) -> StageInfo:
+    """Trace one stage to `out`/<stem>.onnx (+ .onnx.data), prune, save, check.
+
+    Args:
+        stem: the file name without .onnx (default: the stage name).
+        static: no dynamic axes (every dimension fixed at the example's size).
+        fold: `fold(proto, folder) -> proto` run on the pruned graph (static exports fold shapes).
+    """
     import onnx
 
     stage, names = module.stage, list(io.inputs)
-    axes = {k: axes_for(k, io.dynamic_axes) for k in names + module.output_names}
+    axes = {} if static else {k: axes_for(k, io.dynamic_axes) for k in names + module.output_names}
     tmp = out / f".tmp-{stage}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -271,8 +281,11 @@ def export_stage(module: StageModule, io: StageIO, out: Path, opset: int, progre
                           do_constant_folding=True)
     proto = onnx.load(str(tmp / "graph.onnx"), load_external_data=False)
     kept = _drop_unused_initializers(proto.graph)
+    if fold is not None:
+        proto = fold(proto, tmp)
     proto.producer_name = "vlmrt"
-    path, data = out / f"{stage}.onnx", f"{stage}.onnx.data"
+    stem = stem or stage
+    path, data = out / f"{stem}.onnx", f"{stem}.onnx.data"
     for f in (path, out / data):
         f.unlink(missing_ok=True)
     if not _move_weights_out(proto, tmp, out / data):
@@ -319,14 +332,7 @@ def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: boo
     Returns:
         The manifest written to `out`/manifest.json.
     """
-    from vlmrt import __version__
-    from vlmrt.config import DTYPES
-
-    if loaded.model is None:
-        raise VlmrtError(f"{loaded.name} is already an export; run it with `vlmrt run --model {loaded.name}`")
-    dtype = next((k for k, v in DTYPES.items() if v == loaded.dtype), str(loaded.dtype))
-    if dtype not in EXPORT_DTYPES:
-        raise VlmrtError(f"cannot export in {dtype}; use --dtype fp32 or fp16")
+    dtype = export_dtype(loaded)
     out, progress = Path(out), progress or (lambda _: None)
     prepare_out(out, force)
     model, stages, upstream, known_axes = loaded.model, {}, {}, {}
@@ -342,18 +348,37 @@ def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: boo
         stages[stage] = export_stage(module, io, out, opset, progress)
         known_axes.update({k: axes_for(k, io.dynamic_axes) for k in module.output_names})
         upstream = {k: v.clone() for k, v in zip(module.output_names, outputs)}
-    tokenizer_files = _save_tokenizer(loaded.tokenizer, out)
-    m = model
-    manifest = Manifest(
-        name=loaded.name, family=loaded.family, synthetic=loaded.synthetic, seed=getattr(loaded, "seed", None),
-        config_hash=config_hash(loaded), dtype=dtype, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim, max_context=m.max_context, image_token_id=m.image_token_id, processor=loaded.spec,
-        stages=stages, tokenizer_files=tokenizer_files, vlmrt_version=__version__,
-        exporter=f"torch.onnx TorchScript exporter, torch {torch.__version__}", opset=opset,
-    )
+    manifest = new_manifest(loaded, stages, out, f"torch.onnx TorchScript exporter, torch {torch.__version__}", opset)
     write_manifest(out, manifest)
     progress(f"done: {out / MANIFEST}")
     return manifest
+
+
+def export_dtype(loaded) -> str:
+    """"fp32" or "fp16" of a loaded model, or a clear error."""
+    from vlmrt.config import DTYPES
+
+    if loaded.model is None:
+        raise VlmrtError(f"{loaded.name} is already an export; run it with `vlmrt run --model {loaded.name}`")
+    dtype = next((k for k, v in DTYPES.items() if v == loaded.dtype), str(loaded.dtype))
+    if dtype not in EXPORT_DTYPES:
+        raise VlmrtError(f"cannot export in {dtype}; use --dtype fp32 or fp16")
+    return dtype
+
+
+def new_manifest(loaded, stages: dict, out: Path, exporter: str, opset: int = 0, **more) -> Manifest:
+    """The manifest of an export of `loaded` (the tokenizer is saved into `out` here); `more` sets
+    the fields of static and AOTInductor exports (runtime, static, graphs)."""
+    from vlmrt import __version__
+
+    m = loaded.model
+    return Manifest(
+        name=loaded.name, family=loaded.family, synthetic=loaded.synthetic, seed=getattr(loaded, "seed", None),
+        config_hash=config_hash(loaded), dtype=export_dtype(loaded), num_layers=m.num_layers,
+        num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_context=m.max_context, image_token_id=m.image_token_id,
+        processor=loaded.spec, stages=stages, tokenizer_files=_save_tokenizer(loaded.tokenizer, out),
+        vlmrt_version=__version__, exporter=exporter, opset=opset, **more,
+    )
 
 
 def _save_tokenizer(tokenizer, out: Path) -> tuple[str, ...]:

@@ -77,6 +77,10 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
     if dtype not in DTYPES:
         raise VlmrtError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     tdtype = DTYPES[dtype]
+    if (Path(name_or_path) / "manifest.json").is_file():  # an export folder: no model code imported at all
+        from vlmrt.export.manifest import load_export
+
+        return load_export(Path(name_or_path), device)
     presets = all_presets()
     if name_or_path in presets:
         family, cfg = presets[name_or_path]
@@ -88,10 +92,6 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
     path = Path(name_or_path)
     if not path.exists():
         raise VlmrtError(f"unknown model {name_or_path!r}: not a preset and no such folder; presets: {', '.join(presets)}")
-    if (path / "manifest.json").is_file():  # an export folder (vlmrt export): no model code needed
-        from vlmrt.export.manifest import load_export
-
-        return load_export(path, device)
     for family in FAMILIES:
         cls = family_class(family)
         if cls.is_release_folder(path):

@@ -89,13 +89,14 @@ def causal_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> t
     """Boolean mask [B,1,T,S]: query t sees key slot s when s is a valid token at or before it.
 
     attention_mask [B,S] marks valid key slots (0 for left padding and unwritten slots);
-    cache_position [T] is the slot of each query. A query always sees its own slot, so left-padding
-    rows attend to themselves instead of to nothing (a fully masked row would give NaN).
+    cache_position [T] (every row) or [B,T] (each row its own) is the slot of each query. A query
+    always sees its own slot, so left-padding rows attend to themselves instead of to nothing (a
+    fully masked row would give NaN).
     """
     slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [S]
-    q = cache_position[:, None]  # [T,1]
-    allowed = (slots[None, :] <= q)[None] & attention_mask[:, None, :].bool()  # [B,T,S]
-    allowed = allowed | (slots[None, :] == q)[None]
+    q = cache_position[..., None]  # [T,1] or [B,T,1]
+    allowed = (slots <= q) & attention_mask[:, None, :].bool()  # [B,T,S]
+    allowed = allowed | (slots == q)
     return allowed[:, None]  # [B,1,T,S]
 
 

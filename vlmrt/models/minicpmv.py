@@ -312,6 +312,8 @@ class MiniCPMVForConditionalGeneration(nn.Module):
         }
         io.dynamic_axes.update({"pixel_values": {0: "batch", 3: "canvas_width"}, "patch_coords": {0: "batch", 1: "patches"},
                                 "patch_pos_weights": {0: "batch", 1: "patches"}})
+        k = max(s.chunk_buckets)  # static exports: the largest chunk bucket (padding chunks are ignored)
+        io.static_sizes = {"canvas_width": k * w, "patches": k * s.capacity}
         return io
 
     @property

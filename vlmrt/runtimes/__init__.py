@@ -12,6 +12,7 @@ import importlib
 from vlmrt.errors import VlmrtError
 
 RUNTIMES = {  # name -> "module:Class", alphabetical
+    "aoti": "vlmrt.runtimes.aoti:AotiRuntime",
     "compiled": "vlmrt.runtimes.compiled:CompiledRuntime",
     "eager": "vlmrt.runtimes.eager:EagerRuntime",
     "onnx": "vlmrt.runtimes.onnx:OnnxRuntime",

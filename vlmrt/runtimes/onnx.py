@@ -74,6 +74,14 @@ class OnnxRuntime:
 
     name = "onnx"
 
+    def __new__(cls, loaded, *args, **kwargs):
+        """A static-shape export (manifest `static`) runs on the bucketed subclass."""
+        if cls is OnnxRuntime and loaded.export_dir is not None and getattr(loaded.config, "static", None):
+            from vlmrt.runtimes.onnx_static import StaticOnnxRuntime
+
+            cls = StaticOnnxRuntime
+        return super().__new__(cls)
+
     def __init__(self, loaded, providers: list[str] | None = None, threads: int | None = None):
         ort = import_onnxruntime()
         self._ort = ort
@@ -86,13 +94,17 @@ class OnnxRuntime:
         self.manifest = read_manifest(folder)
         self.providers = providers or pick_providers(ort.get_available_providers(), loaded.device)
         self.threads = threads or _cpu_count()
-        self.sessions = {stage: self._session(info.file, stage) for stage, info in self.manifest.stages.items()}
-        self.providers = self.sessions["decoder"].get_providers()  # what ONNX Runtime really uses
+        self.sessions = self._sessions()
+        self.providers = next(iter(self.sessions.values())).get_providers()  # what ONNX Runtime really uses
         on_gpu = self.providers[0] in GPU_PROVIDERS
         self.device_type, self.device_id = ("cuda", loaded.device.index or 0) if on_gpu else ("cpu", 0)
         print(f"onnx runtime: {', '.join(self.providers)}, {self.threads} threads, graphs in {folder}", file=sys.stderr)
         self.past: dict = {}  # past_key_values.* -> OrtValue [B,H_kv,P,hd]
         self.past_len = 0
+
+    def _sessions(self) -> dict:
+        """stage -> InferenceSession."""
+        return {stage: self._session(info.file, stage) for stage, info in self.manifest.stages.items()}
 
     def _session(self, file: str, stage: str):
         ort = self._ort
@@ -124,7 +136,10 @@ class OnnxRuntime:
 
         Returns: output name -> OrtValue.
         """
-        info, sess = self.manifest.stages[stage], self.sessions[stage]
+        return self.run_graph(self.manifest.stages[stage], self.sessions[stage], values, dims)
+
+    def run_graph(self, info, sess, values: dict, dims: dict[str, int]) -> dict:
+        """Run the graph `info` (a StageInfo) on session `sess`; see `run`."""
         binding, keep = sess.io_binding(), []
         for t in info.inputs:
             v = values.get(t.name)

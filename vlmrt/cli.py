@@ -23,6 +23,18 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of sampling (default 0)")
+    add_weight_args(p)
+
+
+def add_weight_args(p: argparse.ArgumentParser, threads: bool = True) -> None:
+    """--quantize and --quantize-vision (and --threads): shared by run, serve, caption, bench, eval parity, export."""
+    p.add_argument("--quantize", default=None, metavar="FORMAT",
+                   help="weight format of the decoder's linear layers: int8, int4 (block 32; int4-g64, int4-g128-sym, "
+                        "...), fp16 or bf16; add -nohead to keep lm_head as is (default: the model's own weights)")
+    p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision stage's linear layers")
+    if threads:
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU threads of PyTorch and ONNX Runtime (default: all this process may use)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +63,12 @@ def cmd_run(args) -> int:
         raise VlmrtError(f"{len(args.image)} images but {len(prompts)} prompts; give one prompt, or one per image")
     if not all(p.strip() for p in prompts):
         raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+    from vlmrt.quantize import weights_from_args
+
+    weights = weights_from_args(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading a model
-    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
+    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
+                         weights=weights)
     cfg = pipe.generation_config(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -83,6 +99,7 @@ def _result_json(pipe, args, result) -> dict:
         "runtime": getattr(pipe.runtime, "name", args.runtime),  # an export folder runs on onnx
         "device": args.device,
         "dtype": args.dtype,
+        "weights": args.quantize or "fp",
         "prompt_tokens": result.prompt_tokens,
         "answers": [
             {"image": img, "text": t, "token_ids": ids, "finish_reason": r}
@@ -143,15 +160,18 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (presets; default 0)")
+    add_weight_args(p, threads=False)
 
 
 def cmd_export(args) -> int:
     """Export a model's vision, embedding and decoder stages to ONNX graphs, with the tokenizer and a
     manifest; `vlmrt run --model OUT ...` then runs it on ONNX Runtime with no model code."""
     from vlmrt.export import export
+    from vlmrt.quantize import weights_from_args
 
-    m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed)
-    print(f"exported {m.name} ({m.family}, {m.dtype}) to {args.out}: " + ", ".join(s.file for s in m.stages.values()))
+    m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed,
+               weights=weights_from_args(args))
+    print(f"exported {m.name} ({m.family}, {m.dtype}, {m.weights} weights) to {args.out}: " + ", ".join(s.file for s in m.stages.values()))
     return 0
 
 
@@ -170,10 +190,12 @@ def cmd_serve(args) -> int:
     with the same settings run as one batch. See docs/serve.md."""
     from vlmrt.models import load_model
     from vlmrt.pipeline import Pipeline
+    from vlmrt.quantize import weights_from_args, with_weights
     from vlmrt.serve import CHAT_PATH, check_batching, make_server
 
     check_batching(args.max_batch, args.batch_wait_ms)  # before a model load that may take minutes
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    weights = weights_from_args(args)
+    loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed), weights)
     options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
     pipe = Pipeline(loaded, args.runtime, options)
     server = make_server(pipe, args.host, args.port, args.max_batch, args.batch_wait_ms)

@@ -34,8 +34,12 @@ def cmd_caption(args) -> int:
     from vlmrt.eval.images import list_images
     from vlmrt.pipeline import Pipeline
 
+    from vlmrt.quantize import weights_from_args
+
+    weights = weights_from_args(args)
     list_images(args.images, args.recursive)  # fail on a bad folder before loading a model
-    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
+    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
+                         weights=weights)
     _note_synthetic(pipe.loaded)
     doc = caption_folder(pipe, args.images, args.out, prompt=args.prompt, batch_size=args.batch,
                          max_new_tokens=args.max_new_tokens, recursive=args.recursive, progress=not args.no_progress,
@@ -48,7 +52,9 @@ def add_parity_args(p: argparse.ArgumentParser) -> None:
     from vlmrt.eval.parity import DEFAULT_PROMPT
 
     p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a release folder")
-    p.add_argument("--runtimes", required=True, help="comma-separated, the first is the reference, e.g. eager,onnx")
+    p.add_argument("--runtimes", required=True,
+                   help="comma-separated, the first is the reference, e.g. eager,onnx; each may name a weight "
+                        "format: eager,eager:int8,onnx:int4 (--quantize sets it for those that do not)")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per image, stop tokens off (default 16)")
@@ -59,6 +65,9 @@ def add_parity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (default 0)")
+    from vlmrt.cli import add_weight_args
+
+    add_weight_args(p)
 
 
 def cmd_parity(args) -> int:
@@ -68,12 +77,14 @@ def cmd_parity(args) -> int:
     from vlmrt.eval.images import list_images, write_json_atomic
     from vlmrt.eval.parity import build_runtimes, markdown, parity_report
     from vlmrt.models import load_model
+    from vlmrt.quantize import weights_from_args
 
     names = [n.strip() for n in args.runtimes.split(",") if n.strip()]
+    weights = weights_from_args(args)
     list_images(args.images, args.recursive)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     _note_synthetic(loaded)
-    report = parity_report(loaded, build_runtimes(loaded, names), args.images, prompt=args.prompt,
+    report = parity_report(loaded, build_runtimes(loaded, names, weights), args.images, prompt=args.prompt,
                            new_tokens=args.new_tokens, recursive=args.recursive, min_agreement=args.min_agreement,
                            progress=sys.stderr.isatty())
     print(markdown(report))

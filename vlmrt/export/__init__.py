@@ -14,7 +14,7 @@ from vlmrt.export.onnx import DEFAULT_OPSET, EXPORT_DTYPES, StageIO, ensure_expo
 
 
 def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, force: bool = False,
-           seed: int = 0, progress=print_progress) -> Manifest:
+           seed: int = 0, progress=print_progress, weights=None) -> Manifest:
     """Export a preset or a release folder to `out` (manifest.json, vision/embedding/decoder.onnx,
     tokenizer files).
 
@@ -26,15 +26,22 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         force: overwrite an earlier export in a non-empty `out`.
         seed: seed of the synthetic weights (presets only).
         progress: called with one line per step (None: silent).
+        weights: a vlmrt.quantize.WeightConfig (int8 or int4: the decoder quantized with ONNX Runtime's
+            tools); None: the model's own weights.
     """
     from vlmrt.errors import VlmrtError
+    from vlmrt.export.quantize_onnx import check_onnx_format
     from vlmrt.models import load_model
+    from vlmrt.quantize import with_weights
 
+    if weights is not None:
+        check_onnx_format(weights)
     if dtype not in EXPORT_DTYPES:
         raise VlmrtError(f"cannot export in {dtype!r}; use --dtype fp32 or fp16")
     out = Path(out)
     prepare_out(out, force)  # fail before spending time on loading the model
-    return export_model(load_model(model, dtype=dtype, seed=seed), out, opset=opset, force=True, progress=progress)
+    loaded = with_weights(load_model(model, dtype=dtype, seed=seed), weights)
+    return export_model(loaded, out, opset=opset, force=True, progress=progress)
 
 
 __all__ = ["FORMAT_VERSION", "Manifest", "StageIO", "ensure_export", "export", "export_model", "is_export_folder",

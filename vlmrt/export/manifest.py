@@ -7,7 +7,7 @@ Schema (format_version 1; docs/export.md has a worked example):
    "format": "vlmrt-onnx-export",        # fixed
    "format_version": 1,                   # FORMAT_VERSION; another value is refused
    "vlmrt_version": "0.2.0", "exporter": "torch.onnx TorchScript, torch 2.13.0", "opset": 17,
-   "model": {"name", "family", "synthetic", "seed", "config_hash", "dtype"},
+   "model": {"name", "family", "synthetic", "seed", "config_hash", "dtype", "weights"},  # weights: fp, int8, int4-g32-asym ...
    "kv_cache": {"num_layers", "num_kv_heads", "head_dim", "max_context"},
    "image_token_id": 0,
    "processor": ProcessorSpec.to_dict(),
@@ -89,6 +89,7 @@ class Manifest:
     vlmrt_version: str = ""
     exporter: str = ""
     opset: int = 0
+    weights: str = "fp"  # the decoder's weight format (vlmrt.quantize.WeightConfig.tag): fp, int8, int4-g32-asym, ...
 
     def to_dict(self) -> dict:
         return {
@@ -98,7 +99,7 @@ class Manifest:
             "exporter": self.exporter,
             "opset": self.opset,
             "model": {"name": self.name, "family": self.family, "synthetic": self.synthetic, "seed": self.seed,
-                      "config_hash": self.config_hash, "dtype": self.dtype},
+                      "config_hash": self.config_hash, "dtype": self.dtype, "weights": self.weights},
             "kv_cache": {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                          "head_dim": self.head_dim, "max_context": self.max_context},
             "image_token_id": self.image_token_id,
@@ -118,7 +119,7 @@ class Manifest:
             processor=ProcessorSpec.from_dict(d["processor"]),
             stages={k: StageInfo.from_dict(v) for k, v in d["stages"].items()},
             tokenizer_files=tuple(d.get("tokenizer_files", ())), vlmrt_version=d.get("vlmrt_version", ""),
-            exporter=d.get("exporter", ""), opset=int(d.get("opset", 0)),
+            exporter=d.get("exporter", ""), opset=int(d.get("opset", 0)), weights=str(m.get("weights", "fp")),
         )
 
 

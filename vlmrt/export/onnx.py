@@ -322,8 +322,15 @@ def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: boo
     from vlmrt import __version__
     from vlmrt.config import DTYPES
 
+    from vlmrt.export.quantize_onnx import check_onnx_format, quantize_export
+    from vlmrt.quantize import WeightConfig, is_quantized
+
     if loaded.model is None:
         raise VlmrtError(f"{loaded.name} is already an export; run it with `vlmrt run --model {loaded.name}`")
+    weights = loaded.weights or WeightConfig()
+    check_onnx_format(weights)
+    if is_quantized(loaded.model):  # ONNX Runtime's tools quantize the fp graph themselves
+        raise VlmrtError(f"{loaded.name}'s weights were already swapped for a torch runtime; export from a fresh load")
     dtype = next((k for k, v in DTYPES.items() if v == loaded.dtype), str(loaded.dtype))
     if dtype not in EXPORT_DTYPES:
         raise VlmrtError(f"cannot export in {dtype}; use --dtype fp32 or fp16")
@@ -342,6 +349,9 @@ def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: boo
         stages[stage] = export_stage(module, io, out, opset, progress)
         known_axes.update({k: axes_for(k, io.dynamic_axes) for k in module.output_names})
         upstream = {k: v.clone() for k, v in zip(module.output_names, outputs)}
+    if not weights.is_fp:
+        quantize_export(out, weights, progress)
+        stages = {k: _restat(out, info) for k, info in stages.items()}
     tokenizer_files = _save_tokenizer(loaded.tokenizer, out)
     m = model
     manifest = Manifest(
@@ -349,11 +359,17 @@ def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: boo
         config_hash=config_hash(loaded), dtype=dtype, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
         head_dim=m.head_dim, max_context=m.max_context, image_token_id=m.image_token_id, processor=loaded.spec,
         stages=stages, tokenizer_files=tokenizer_files, vlmrt_version=__version__,
-        exporter=f"torch.onnx TorchScript exporter, torch {torch.__version__}", opset=opset,
+        exporter=f"torch.onnx TorchScript exporter, torch {torch.__version__}", opset=opset, weights=weights.tag,
     )
     write_manifest(out, manifest)
     progress(f"done: {out / MANIFEST}")
     return manifest
+
+
+def _restat(out: Path, info: StageInfo) -> StageInfo:
+    """A stage's info after its graph was rewritten (the weights file may be new or gone)."""
+    data = f"{info.file}.data"
+    return StageInfo(info.file, data if (out / data).exists() else None, info.inputs, info.outputs)
 
 
 def _save_tokenizer(tokenizer, out: Path) -> tuple[str, ...]:
@@ -368,8 +384,8 @@ def cache_root() -> Path:
 
 
 def cache_folder(loaded) -> Path:
-    """exports/<preset>-<dtype>-seed<seed>-<vlmrt version> under the cache root (releases: folder
-    name plus a hash of its path)."""
+    """exports/<preset>-<dtype>[-<weight format>]-seed<seed>-<vlmrt version> under the cache root
+    (releases: folder name plus a hash of its path)."""
     from vlmrt import __version__
     from vlmrt.config import DTYPES
 
@@ -377,7 +393,8 @@ def cache_folder(loaded) -> Path:
     name = loaded.name
     if not loaded.synthetic:
         name = f"{Path(name).name}-{hashlib.sha256(str(Path(name).resolve()).encode()).hexdigest()[:8]}"
-    return cache_root() / "exports" / f"{name}-{dtype}-seed{getattr(loaded, 'seed', None) or 0}-{__version__}"
+    weights = "" if loaded.weights is None or loaded.weights.is_fp else f"-{loaded.weights.tag}"
+    return cache_root() / "exports" / f"{name}-{dtype}{weights}-seed{getattr(loaded, 'seed', None) or 0}-{__version__}"
 
 
 def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
@@ -390,7 +407,8 @@ def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
     if (folder / MANIFEST).exists():
         try:
             m = read_manifest(folder)
-            if m.vlmrt_version == __version__ and m.config_hash == config_hash(loaded):
+            weights = "fp" if loaded.weights is None else loaded.weights.tag
+            if m.vlmrt_version == __version__ and m.config_hash == config_hash(loaded) and m.weights == weights:
                 return folder
         except VlmrtError:
             pass

@@ -203,3 +203,25 @@ def test_threads_are_set():
     finally:
         torch.set_num_threads(before)
         config._THREADS[0] = None
+
+
+def test_bench_reports_each_format(tmp_path):
+    from vlmrt.bench import BenchConfig, format_table, run_bench
+
+    cfg = BenchConfig(model="minigpt4-tiny", out=str(tmp_path), runtimes=("eager", "eager:int8", "eager:int4"),
+                      batches=(1,), new_tokens=4, repeats=1, warmup=0)
+    result = run_bench(cfg, log=lambda _: None)
+    rows = {r["runtime"]: r for r in result["rows"]}
+    assert [r["weights"] for r in rows.values()] == ["fp", "int8", "int4-g32-asym"]
+    assert all(r["error"] is None for r in rows.values())
+    assert rows["eager"]["max_logit_error"] == 0 and rows["eager"]["agreement"] == 1
+    assert rows["eager:int8"]["max_logit_error"] > 0
+    assert rows["eager"]["bytes_per_token"] > 3 * rows["eager:int8"]["bytes_per_token"] > rows["eager:int4"]["bytes_per_token"]
+    assert result["meta"]["bandwidth_gb_s"] > 0
+    for r in rows.values():  # effective GB/s and the floor fraction follow from bytes, time and the probe
+        assert r["effective_gb_s"] == pytest.approx(r["bytes_per_token"] / r["decode_ms_per_token"] / 1e6)
+        floor_ms = r["bytes_per_token"] / result["meta"]["bandwidth_gb_s"] / 1e6
+        assert r["floor_fraction"] == pytest.approx(floor_ms / r["decode_ms_per_token"])
+    assert "eager:int8" in format_table(result["rows"])
+    with pytest.raises(VlmrtError, match="hf baselines run the model's own weights"):
+        run_bench(BenchConfig(model="minigpt4-tiny", out=str(tmp_path), runtimes=("hf:int8",)), log=lambda _: None)

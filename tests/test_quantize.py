@@ -225,3 +225,19 @@ def test_bench_reports_each_format(tmp_path):
     assert "eager:int8" in format_table(result["rows"])
     with pytest.raises(VlmrtError, match="hf baselines run the model's own weights"):
         run_bench(BenchConfig(model="minigpt4-tiny", out=str(tmp_path), runtimes=("hf:int8",)), log=lambda _: None)
+
+
+def test_compiled_runs_quantized_weights_like_eager():
+    """The compiled runtime (dynamo with its eager backend here; Inductor in tests/test_compiled.py's
+    manner is slow on 2 cores) takes the same swapped model and picks the same tokens as eager."""
+    from vlmrt.bench import VlmrtRunner, make_workload, preprocess
+    from vlmrt.processor import Processor
+
+    cfg = parse_weights("int8")
+    eager = VlmrtRunner("eager", with_weights(load_model("minigpt4-tiny"), cfg), {})
+    proc = Processor(eager.loaded.spec, eager.loaded.tokenizer)
+    batch, _ = preprocess(proc, make_workload(proc, 1, "Describe this image."), torch.device("cpu"))
+    compiled = VlmrtRunner("compiled", with_weights(load_model("minigpt4-tiny"), cfg),
+                           {"backend": "eager", "max_batch": 1, "compile_vision": False})
+    assert any(isinstance(m, QuantizedLinear) for m in compiled.runtime.model.modules())
+    assert torch.equal(compiled.generate(batch, 6)[1], eager.generate(batch, 6)[1])

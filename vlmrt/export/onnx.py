@@ -53,7 +53,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -414,5 +414,24 @@ def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
             pass
         if progress:
             progress(f"the cached export in {folder} is stale; rebuilding it")
-    export_model(loaded, folder, force=True, progress=progress)
+    if loaded.weights is not None and not loaded.weights.is_fp:
+        _quantize_cached(loaded, folder, progress)
+    else:
+        export_model(loaded, folder, force=True, progress=progress)
     return folder
+
+
+def _quantize_cached(loaded, folder: Path, progress: Progress | None) -> None:
+    """A quantized cached export: a copy of the fp one (made first if missing), quantized in place
+    (tracing the model again would take minutes at real sizes)."""
+    from vlmrt.export.manifest import read_manifest
+    from vlmrt.export.quantize_onnx import check_onnx_format, quantize_export
+
+    check_onnx_format(loaded.weights)
+    fp = ensure_export(replace(loaded, weights=None), progress)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(fp, folder, ignore=shutil.ignore_patterns(MANIFEST))  # unfinished until the manifest lands
+    quantize_export(folder, loaded.weights, progress)
+    m = read_manifest(fp)
+    stages = {k: _restat(folder, info) for k, info in m.stages.items()}
+    write_manifest(folder, replace(m, weights=loaded.weights.tag, stages=stages))

@@ -135,6 +135,17 @@ def test_onnx_int4_export_is_cached_per_format_and_close_to_fp32(tmp_path, monke
     ops = {n.op_type for n in onnx.load(str(cache_folder(with_weights(base, int4)) / "decoder.onnx"),
                                         load_external_data=False).graph.node}
     assert "MatMulNBits" in ops
+    from vlmrt.runtimes.onnx import OnnxRuntime
+
+    def prepacking_off(rt):
+        options = rt.sessions["decoder"].get_session_options()
+        try:
+            return options.get_session_config_entry("session.disable_prepacking")
+        except RuntimeError:  # never set
+            return None
+
+    assert prepacking_off(OnnxRuntime(with_weights(base, int4))) != "1"  # quantized graphs keep prepacking
+    assert prepacking_off(OnnxRuntime(base)) == "1"  # fp decoder: off (measured faster)
 
 
 # ----------------------------------------------------------------------------- bad input

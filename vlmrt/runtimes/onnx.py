@@ -79,12 +79,14 @@ class OnnxRuntime:
     Args:
         loaded: a `LoadedModel` of an export folder, or of a preset / release (exported to the cache).
         providers: execution providers in order (default: from what is installed and the device).
-        threads: intra-op threads (default: the cores this process may use).
+        threads: intra-op threads (default: --threads, else the cores this process may use).
+        prepacking: MLAS weight prepacking for the CPU decoder (None: off for fp graphs, on for quantized).
     """
 
     name = "onnx"
 
-    def __init__(self, loaded, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, loaded, providers: list[str] | None = None, threads: int | None = None,
+                 prepacking: bool | None = None):
         ort = import_onnxruntime()
         self._ort = ort
         from vlmrt.config import cpu_threads
@@ -99,6 +101,7 @@ class OnnxRuntime:
         _check_weights(self.manifest, loaded.weights, folder)
         self.providers = providers or pick_providers(ort.get_available_providers(), loaded.device)
         self.threads = threads or cpu_threads() or _cpu_count()
+        self.prepacking = self.manifest.weights != "fp" if prepacking is None else prepacking
         self.sessions = {stage: self._session(info.file, stage) for stage, info in self.manifest.stages.items()}
         self.providers = self.sessions["decoder"].get_providers()  # what ONNX Runtime really uses
         on_gpu = self.providers[0] in GPU_PROVIDERS
@@ -114,7 +117,7 @@ class OnnxRuntime:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if stage == "decoder" and self.providers[0] == "CPUExecutionProvider" and self.manifest.weights == "fp":
+        if stage == "decoder" and self.providers[0] == "CPUExecutionProvider" and not self.prepacking:
             # Decoding multiplies one row by each weight: with MLAS's prepacked-GEMM layout that was ~20%
             # slower than the plain layout on a 7B-wide decoder here (2-core CPU), and packing copies weights.
             # Quantized graphs keep prepacking: MatMulNBits and MatMulInteger unpack every weight on every

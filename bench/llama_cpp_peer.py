@@ -169,12 +169,13 @@ def make_systems(args, loaded, out: Path) -> dict:
         weights = parse_weights(None if fmt == "fp32" else fmt)
         for name in args.runtimes:
             variants = [("", {})]
-            if name == "onnx" and args.prepacking_both:  # the session option, both ways
+            if name == "onnx" and args.prepacking_both and fmt == "fp32":  # the session option, both ways
                 variants = [(" prepack", {"prepacking": True}), (" no-prepack", {"prepacking": False})]
             for suffix, options in variants:
                 label = f"vlmrt {name}{suffix} {fmt}"
                 try:
-                    rt = runtime_class(name)(loaded_for(loaded, name, weights, pool), **options)
+                    mine = loaded_for(loaded, name, weights, pool, lambda: build_decoder_model(args.seed))
+                    rt = runtime_class(name)(mine, **options)
                     systems[label] = (lambda rt=rt: time_vlmrt(rt, hidden, args.tokens, True), fmt)
                 except Exception as e:  # a runtime without this format says why; the run goes on
                     systems[label] = (str(e).splitlines()[0], fmt)
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians over rounds reported")
     p.add_argument("--tokens", type=int, default=16, help="decode steps timed per round")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prepacking-both", action="store_true", help="onnx rows with weight prepacking on and off")
+    p.add_argument("--prepacking-both", action="store_true", help="onnx fp32 rows with weight prepacking on and off")
     p.add_argument("--no-llama-cpp", action="store_true", help="vlmrt rows only (no GGUF files)")
     p.add_argument("--llama-bench", default=shutil.which("llama-bench"), help="llama-bench binary (if no llama-cpp-python)")
     p.add_argument("--out", default="/tmp/vlmrt-peer", help="GGUF files and results.json")

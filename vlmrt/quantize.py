@@ -379,12 +379,13 @@ def prepare_model(loaded, runtime: str) -> nn.Module:
     return quantize_model(loaded.model, cfg, runtime)
 
 
-def loaded_for(base, runtime: str, cfg: WeightConfig, pool: dict):
+def loaded_for(base, runtime: str, cfg: WeightConfig, pool: dict, reload=None):
     """The LoadedModel `runtime` should get for `cfg`, next to other runtimes on the same weights.
 
     A torch runtime swaps linears in place, so each quantized format gets its own copy of the
     model (loaded again, kept in `pool` by format); the onnx runtime quantizes its export and
-    reads the fp model, so it shares `base`.
+    reads the fp model, so it shares `base`. `reload` makes the copy (default: load_model of
+    base's name, device, dtype and seed).
     """
     from vlmrt.config import DTYPES
     from vlmrt.models import load_model
@@ -395,7 +396,7 @@ def loaded_for(base, runtime: str, cfg: WeightConfig, pool: dict):
         return with_weights(base, cfg)
     if cfg.tag not in pool:
         dtype = next(k for k, v in DTYPES.items() if v == base.dtype)
-        fresh = load_model(base.name, device=str(base.device), dtype=dtype, seed=base.seed or 0)
+        fresh = reload() if reload else load_model(base.name, device=str(base.device), dtype=dtype, seed=base.seed or 0)
         pool[cfg.tag] = with_weights(fresh, cfg)
     return pool[cfg.tag]
 

@@ -32,10 +32,6 @@ def split_label(label: str, default: WeightConfig) -> tuple[str, WeightConfig]:
     return parse_runtime_spec(label, default)
 
 
-def label_for(name: str, cfg: WeightConfig) -> str:
-    return name if cfg.is_fp else f"{name}:{cfg.tag}"
-
-
 def bandwidth_probe(mib: int = PROBE_MIB, repeats: int = 5) -> float:
     """Read bandwidth in GB/s this process gets now: the median time of sum() over `mib` MiB."""
     x = torch.ones(mib * 2**20 // 4)  # fp32

@@ -81,10 +81,6 @@ class WeightConfig:
             tag += "-nohead"
         return tag + ("-vision" if self.vision else "")
 
-    @property
-    def bits(self) -> int:
-        return {"fp16": 16, "bf16": 16, "int8": 8, "int4": 4}.get(self.format, 32)
-
 
 # ----------------------------------------------------------------------------- formats
 class LinearMethod:
@@ -198,7 +194,7 @@ class QuantizedLinear(nn.Module):
         self.method, self.in_features, self.out_features = method, linear.in_features, linear.out_features
         self._names = []
         for name, t in method.quantize(linear.weight.detach()).items():
-            if name == "levels":  # kept only as long as a test asks (see keep_levels)
+            if name == "levels":  # unpacked int4 levels, for dequantize() in tests: not kept
                 continue
             self.register_buffer(name, t, persistent=False)
             self._names.append(name)

@@ -57,7 +57,7 @@ timeout "$(budget 60)" $PY scripts/gpu_bandwidth.py --device $DEV --gib $GIB --m
 
 step "2. bench $MODEL"
 timeout "$(budget 300)" $PY -m vlmrt bench --model $MODEL --dtype $DT --device $DEV --runtime eager,compiled,hf \
-  --batch $BATCH --new-tokens $NEW --prompt-tokens 40 --repeats $REPEATS --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+  --batch $BATCH --max-new-tokens $NEW --prompt-tokens 40 --repeats $REPEATS --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
 
 step "3. pytest -m gpu"
 if [ $DRY = 1 ]; then

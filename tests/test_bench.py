@@ -73,7 +73,7 @@ def test_progress_is_reported(sweep):
 
 
 def test_cli_prints_a_table(tmp_path, capsys):
-    code = main(["bench", "--model", "minigpt4-tiny", "--runtime", "eager,hf", "--batch", "1", "--new-tokens", "4",
+    code = main(["bench", "--model", "minigpt4-tiny", "--runtime", "eager,hf", "--batch", "1", "--max-new-tokens", "4",
                  "--prompt-tokens", "60", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -106,11 +106,11 @@ def test_batch_above_the_cache_maximum_is_an_error_row(tmp_path):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(batches=(0,)), "batch sizes"),
-    (dict(new_tokens=1), "--new-tokens >= 2"),
+    (dict(new_tokens=1), "--max-new-tokens >= 2"),
     (dict(dtype="fp8"), "unknown dtype"),
     (dict(new_tokens=100_000), "above the model's context"),
     (dict(prompt_tokens=1), "--prompt-tokens must be at least 2"),
-    (dict(new_tokens=2, profile=True), "--profile needs --new-tokens of at least 3"),  # before any run, not after
+    (dict(new_tokens=2, profile=True), "--profile needs --max-new-tokens of at least 3"),  # before any run, not after
 ])
 def test_bad_settings_are_clear_errors(tmp_path, kw, message):
     with pytest.raises(VlmrtError, match=message):
@@ -215,3 +215,17 @@ def test_other_families_bench_with_their_vision_inputs(tmp_path, preset):
     for r in result["rows"]:
         assert r["error"] is None, r
         assert r["agreement"] is not None and r["decode_ms_per_token"] > 0
+
+
+def test_the_throughput_plot_ticks_the_measured_batch_sizes():
+    pytest.importorskip("matplotlib")
+    from vlmrt.bench import figure
+
+    row = dict(preprocess_ms=1.0, vision_ms=2.0, prefill_ms=3.0, ttft_ms=5.0, e2e_ms=20.0, error=None)
+    rows = [{**row, "runtime": rt, "batch": b, "tokens_per_s": 10.0 * b} for rt in ("eager", "hf") for b in (1, 2, 4, 10)]
+    meta = {"model": "m", "machine": "cpu", "config": {"new_tokens": 8, "dtype": "fp32"}}
+    fig = figure({"meta": meta, "rows": rows})
+    assert list(fig.axes[0].get_xticks()) == [1, 2, 4, 10]  # integers, not 1.2, 1.4, ...
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

@@ -107,11 +107,16 @@ def test_vision_and_embedding_graphs_hold_only_their_own_weights(family, tmp_pat
 
 
 def test_export_progress_is_shown(tmp_path, capsys):
-    assert main(["export", "minigpt4-tiny", "--out", str(tmp_path / "e")]) == 0
+    assert main(["export", "--model", "minigpt4-tiny", "--out", str(tmp_path / "e")]) == 0
     err = capsys.readouterr().err
     assert all(f"{s}: {s}.onnx written" in err for s in STAGES)
-    assert main(["run", "--model", str(tmp_path / "e"), "--image", "vlmrt/assets/astronaut.jpg",
-                 "--prompt", "What is this?", "--max-new-tokens", "4"]) == 0
+    run = ["run", "--model", str(tmp_path / "e"), "--image", "vlmrt/assets/astronaut.jpg", "--prompt", "What is this?",
+           "--max-new-tokens", "4"]
+    assert main(run) == 0
+    assert "runs on onnx" not in capsys.readouterr().err  # no runtime asked for: onnx is no override
+    assert main(run + ["--runtime", "eager", "--json"]) == 0  # an export asked to run eagerly says where it runs
+    out, err = capsys.readouterr()
+    assert err.count("is an ONNX export: it runs on onnx, not eager") == 1 and json.loads(out)["runtime"] == "onnx"
 
 
 def _one_line_error(capsys, argv, match):
@@ -122,7 +127,7 @@ def _one_line_error(capsys, argv, match):
 
 def test_export_into_a_non_empty_folder_needs_force(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    _one_line_error(capsys, ["export", "minigpt4-tiny", "--out", str(tmp_path)], "not empty")
+    _one_line_error(capsys, ["export", "--model", "minigpt4-tiny", "--out", str(tmp_path)], "not empty")
     with pytest.raises(VlmrtError, match="--force"):
         from vlmrt.export import export
 

@@ -97,24 +97,24 @@ def test_perturbed_copy_disagrees_and_the_report_says_where(tiny, images):
 
 def test_cli_exit_codes_and_json(fast_cli, images, tmp_path, capsys):
     out = tmp_path / "parity.json"
-    base = ["eval", "parity", "--model", "minigpt4-tiny", "--images", str(images), "--new-tokens", str(TOKENS)]
-    assert main(base + ["--runtimes", "eager,eager", "--min-agreement", "1.0"]) == 0
+    base = ["eval", "parity", "--model", "minigpt4-tiny", "--images", str(images), "--max-new-tokens", str(TOKENS)]
+    assert main(base + ["--runtime", "eager,eager", "--min-agreement", "1.0"]) == 0
     assert "PASS" in capsys.readouterr().out
-    assert main(base + ["--runtimes", "eager,perturbed", "--min-agreement", "0.99", "--json", str(out)]) == 1
+    assert main(base + ["--runtime", "eager,perturbed", "--min-agreement", "0.99", "--json", str(out)]) == 1
     assert "FAIL" in capsys.readouterr().out
     doc = json.loads(out.read_text())
     assert doc["passed"] is False and doc["overall"]["perturbed"]["agreement"] < 0.99
-    assert main(base + ["--runtimes", "eager,perturbed"]) == 0  # no threshold: report only
+    assert main(base + ["--runtime", "eager,perturbed"]) == 0  # no threshold: report only
 
 
 def test_bad_input(fast_cli, images, tmp_path, capsys):
-    base = ["eval", "parity", "--model", "minigpt4-tiny", "--new-tokens", "2"]
-    assert main(base + ["--images", str(images), "--runtimes", "eager"]) == 2
+    base = ["eval", "parity", "--model", "minigpt4-tiny", "--max-new-tokens", "2"]
+    assert main(base + ["--images", str(images), "--runtime", "eager"]) == 2
     assert "at least two runtimes" in capsys.readouterr().err
-    assert main(base + ["--images", str(images), "--runtimes", "eager,warp-drive"]) == 2
+    assert main(base + ["--images", str(images), "--runtime", "eager,warp-drive"]) == 2
     assert "unknown runtime 'warp-drive'" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(base + ["--images", str(tmp_path / "empty"), "--runtimes", "eager,eager"]) == 2
+    assert main(base + ["--images", str(tmp_path / "empty"), "--runtime", "eager,eager"]) == 2
     assert "no images in" in capsys.readouterr().err
 
 

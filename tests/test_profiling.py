@@ -63,7 +63,7 @@ def test_too_few_tokens_to_profile_is_a_clear_error():
 
 
 def test_bench_profile_flag_writes_traces_and_a_table(tmp_path, capsys):
-    code = main(["bench", "--model", "minigpt4-tiny", "--runtime", "eager", "--batch", "1", "--new-tokens", "4",
+    code = main(["bench", "--model", "minigpt4-tiny", "--runtime", "eager", "--batch", "1", "--max-new-tokens", "4",
                  "--repeats", "1", "--no-agreement", "--profile", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out

@@ -208,7 +208,7 @@ def test_cli_run_quantized_and_errors(photo, capsys):
     assert main(args + ["--quantize", "fp16", "--runtime", "onnx"]) == 2
     assert "not fp16" in capsys.readouterr().err
     assert main(args + ["--threads", "0"]) == 2
-    assert "--threads must be" in capsys.readouterr().err
+    assert "--threads: must be at least 1" in capsys.readouterr().err
 
 
 def test_export_folder_refuses_another_format(tmp_path_factory):

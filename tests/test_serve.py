@@ -226,6 +226,7 @@ def test_bad_input_is_a_400_that_says_what_is_wrong(case, server, photo):
     status, out = post(server, raw=body) if isinstance(body, bytes) else post(server, body)
     assert status == 400, out
     assert out["error"]["type"] == "invalid_request_error" and BAD[case][1] in out["error"]["message"], out
+    assert " object at 0x" not in out["error"]["message"], out  # no Python object reprs in what a client reads
 
 
 def test_a_prompt_too_long_is_a_400_before_a_stream_starts(server, photo):

@@ -87,9 +87,9 @@ def check_config(cfg: BenchConfig) -> None:
     if not cfg.runtimes or not cfg.batches:
         raise VlmrtError("give at least one runtime (--runtime) and one batch size (--batch)")
     if min(cfg.batches) < 1 or cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0:
-        raise VlmrtError("batch sizes and --repeats must be >= 1, --new-tokens >= 2, --warmup >= 0")
+        raise VlmrtError("batch sizes and --repeats must be >= 1, --max-new-tokens >= 2, --warmup >= 0")
     if cfg.profile and cfg.new_tokens < 3:
-        raise VlmrtError(f"--profile needs --new-tokens of at least 3 (2 are the baseline pass), got {cfg.new_tokens}")
+        raise VlmrtError(f"--profile needs --max-new-tokens of at least 3 (2 are the baseline pass), got {cfg.new_tokens}")
     if cfg.dtype not in DTYPES:
         raise VlmrtError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     resolve_device(cfg.device)  # a clear error for --device cuda without a GPU, before loading anything
@@ -337,22 +337,27 @@ def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> t
     return refs, []
 
 
-def sweep_batch(runners: dict, work: Workload, cfg: BenchConfig, processor, device, ref, log) -> list[dict]:
+def sweep_batch(runners: dict, work: Workload, cfg: BenchConfig, processor, device, ref, log,
+                tick=lambda runs: None) -> list[dict]:
     """All runtimes at one batch size. Timed runs go round-robin over the runtimes, so a machine
-    that gets busier or quieter meanwhile biases no runtime; each runtime warms up first."""
+    that gets busier or quieter meanwhile biases no runtime; each runtime warms up first.
+    `tick(n)` is told of every n runs done (or skipped: a runtime that cannot run here)."""
     b, live, rows = len(work.prompts), {}, {}
     for name, runner in runners.items():
         if isinstance(runner, VlmrtError):
             rows[name] = _error_row(name, work, cfg, runner)
+            tick(cfg.warmup + cfg.repeats)
             continue
         log(f"{name} batch {b}: warm-up x{cfg.warmup}")
         live[name] = Timed(runner, work)
         rows[name] = _attempt(lambda: live[name].warm_up(processor, cfg, device), name, work, cfg, log)
+        tick(cfg.warmup if rows[name] is None else cfg.warmup + cfg.repeats)
     for i in range(cfg.repeats):
         log(f"batch {b}: run {i + 1}/{cfg.repeats} of {', '.join(n for n in live if rows[n] is None)}")
         for name, entry in live.items():
             if rows[name] is None:
                 rows[name] = _attempt(lambda: entry.run(processor, cfg, device, timed=True), name, work, cfg, log)
+                tick(1 if rows[name] is None else cfg.repeats - i)
     for name, entry in live.items():
         if rows[name] is None:
             rows[name] = _result_row(name, entry, cfg, ref)
@@ -421,16 +426,24 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_bench(cfg: BenchConfig, log=None) -> dict:
+def run_bench(cfg: BenchConfig, log=None, progress: bool = False) -> dict:
     """Measure every runtime at every batch size; write results.json, results.csv and results.png
     into `cfg.out`; return {"meta": ..., "rows": [...]}.
 
     Args:
         cfg: what to measure (see BenchConfig).
         log: progress callback taking one line (default: stderr).
+        progress: a progress bar over the sweep's runs on stderr (on a terminal).
     """
-    log = log or (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+    from vlmrt.progress import StepBar
+
     check_config(cfg)
+    runs = len(set(cfg.batches)) * len(dict.fromkeys(cfg.runtimes)) * (cfg.warmup + cfg.repeats)
+    with StepBar(runs, "bench", "bench", show=progress) as bar:
+        return _run_bench(cfg, log or bar.write, lambda n: bar.bar.update(n))
+
+
+def _run_bench(cfg: BenchConfig, log, tick) -> dict:
     log(f"loading {cfg.model} ({cfg.dtype}, {cfg.device})")
     loaded = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     processor = Processor(loaded.spec, loaded.tokenizer)
@@ -438,14 +451,14 @@ def run_bench(cfg: BenchConfig, log=None) -> dict:
     works = {b: make_workload(processor, b, question, cfg.prompt_tokens) for b in sorted(set(cfg.batches))}
     need = next(iter(works.values())).prompt_tokens + cfg.new_tokens
     if need > loaded.max_context:
-        raise VlmrtError(f"prompt + --new-tokens is {need} tokens, above the model's context of "
-                         f"{loaded.max_context}; lower --new-tokens or --prompt-tokens")
+        raise VlmrtError(f"prompt + --max-new-tokens is {need} tokens, above the model's context of "
+                         f"{loaded.max_context}; lower --max-new-tokens or --prompt-tokens")
     refs, notes = reference_tokens(cfg, loaded, processor, works, log)
     max_seq = max(w.prompt_tokens for w in works.values()) + cfg.new_tokens
     pool: dict = {}  # quantized copies of the model, one per format (vlmrt.quantize.loaded_for)
     runners = {name: _make_or_error(name, cfg, loaded, max_seq, log, pool) for name in dict.fromkeys(cfg.runtimes)}
     rows = [r for b, w in works.items() for r in sweep_batch(runners, w, cfg, processor, loaded.device,
-                                                             refs and refs[b], log)]
+                                                             refs and refs[b], log, tick)]
     rows.sort(key=lambda r: list(runners).index(r["runtime"]))  # by runtime, then batch (stable)
     add_speedups(rows)
     gb_s = bandwidth_probe() if loaded.device.type == "cpu" else None  # after the sweep, in this process
@@ -507,6 +520,15 @@ def plot(result: dict, path: Path) -> None:
     """Left: tokens/s vs batch size per runtime. Right: latency breakdown at the smallest batch."""
     import matplotlib.pyplot as plt
 
+    fig = figure(result)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure(result: dict):
+    """The results.png figure (a matplotlib Figure)."""
+    import matplotlib.pyplot as plt
+
     rows = [r for r in result["rows"] if r["error"] is None]
     names = list(dict.fromkeys(r["runtime"] for r in rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -514,6 +536,7 @@ def plot(result: dict, path: Path) -> None:
         mine = sorted((r for r in rows if r["runtime"] == name), key=lambda r: r["batch"])
         left.plot([r["batch"] for r in mine], [r["tokens_per_s"] for r in mine], marker="o", label=name)
     left.set(xlabel="batch size", ylabel="tokens/s (generated)", title="throughput")
+    left.set_xticks(sorted({r["batch"] for r in rows}))  # batch sizes are integers: ticks at the measured ones
     left.legend()
     b = min((r["batch"] for r in rows), default=1)
     at_b = [r for r in rows if r["batch"] == b]
@@ -529,16 +552,16 @@ def plot(result: dict, path: Path) -> None:
     meta = result["meta"]
     fig.suptitle(f"{meta['model']} {meta['config']['dtype']} on {meta['machine']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def format_table(rows: list[dict]) -> str:
     """The results as a Markdown table (pastes into bench/RESULTS.md)."""
     head = ("runtime", "batch", "preproc ms", "vision ms", "prefill ms", "TTFT ms", "decode ms/tok", "tok/s",
-            "e2e ms", "peak MiB", "warm-up s", "x hf", "x eager", "GB/s", "of floor", "agree", "max logit err")
+            "e2e ms", "peak MiB", "warm-up s", "compile s", "x hf", "x eager", "GB/s", "of floor", "agree",
+            "max logit err")
     keys = ("runtime", "batch", "preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token",
-            "tokens_per_s", "e2e_ms", "peak_mem_mib", "warmup_s", "speedup_vs_hf", "speedup_vs_eager",
+            "tokens_per_s", "e2e_ms", "peak_mem_mib", "warmup_s", "compile_s", "speedup_vs_hf", "speedup_vs_eager",
             "effective_gb_s", "floor_fraction", "agreement", "max_logit_error")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -561,58 +584,3 @@ def _cell(key: str, v) -> str:
     if key == "max_logit_error":
         return f"{v:.3g}"
     return f"{v:.2f}" if key == "decode_ms_per_token" else f"{v:.1f}"
-
-
-# ----------------------------------------------------------------------------- CLI
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise VlmrtError(f"--batch takes comma-separated integers, e.g. 1,2,4; got {text!r}") from None
-
-
-def add_bench_args(p) -> None:
-    p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a release folder")
-    p.add_argument("--runtime", default="eager,compiled,hf",
-                   help="comma-separated: eager, compiled, onnx, hf (transformers generate), hf-compiled (default "
-                        "eager,compiled,hf); a vlmrt runtime may name a weight format: eager:int8,onnx:int4-g64")
-    p.add_argument("--batch", default="1,2,4,8,10", help="comma-separated batch sizes (default 1,2,4,8,10)")
-    p.add_argument("--new-tokens", type=int, default=256, help="tokens generated per row, stops ignored (default 256)")
-    p.add_argument("--prompt-tokens", type=int, default=None,
-                   help="text tokens per prompt, image tokens on top (default: the chat template with a short question)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="default fp32")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per runtime and batch; medians reported (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="discarded runs first; compile happens here (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (default 0)")
-    p.add_argument("--no-agreement", action="store_true", help="skip the token comparison with eager fp32")
-    p.add_argument("--profile", action="store_true",
-                   help="profile one more pass per runtime and batch: device vs host time per decode step, "
-                        "syncs, top ops, a Chrome trace per row (docs/bench.md)")
-    p.add_argument("--out", required=True, help="folder for results.json, results.csv, results.png")
-    from vlmrt.cli import add_weight_args
-
-    add_weight_args(p)
-
-
-def cmd_bench(args) -> int:
-    """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size."""
-    from vlmrt.quantize import weights_from_args
-
-    weights_from_args(args)  # --threads, and a clear error for a bad --quantize before any work
-    cfg = BenchConfig(
-        model=args.model, out=args.out, runtimes=tuple(x.strip() for x in args.runtime.split(",") if x.strip()),
-        batches=_int_list(args.batch), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-        dtype=args.dtype, device=args.device, repeats=args.repeats, warmup=args.warmup, seed=args.seed,
-        agreement=not args.no_agreement, profile=args.profile, quantize=args.quantize,
-        quantize_vision=args.quantize_vision,
-    )
-    result = run_bench(cfg)
-    for note in result["meta"]["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    print(format_table(result["rows"]))
-    if cfg.profile:
-        from vlmrt.profiling import format_profile
-
-        print("\nper decode step (profiled pass):\n" + format_profile(result["rows"]))
-    return 0

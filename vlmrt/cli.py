@@ -1,5 +1,10 @@
 """The `vlmrt` command: a thin layer over the library. Each subcommand is a row in COMMANDS:
-(help, function adding its arguments, function running it)."""
+(help, function adding its arguments, function running it). Shared flags come from the groups in
+vlmrt/options.py, so every subcommand spells a concept the same way.
+
+Building the parser imports no torch (nor transformers or onnxruntime): `vlmrt --help`, `vlmrt CMD
+--help` and `vlmrt models` answer at once; a command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -12,50 +17,26 @@ import argparse
 import json
 import sys
 
+from vlmrt import __version__
 from vlmrt.errors import VlmrtError
-from vlmrt.bench import add_bench_args, cmd_bench
 from vlmrt.eval.commands import add_caption_args, add_eval_args, cmd_caption, cmd_eval
-
-
-def _common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a folder with a release or an export")
-    p.add_argument("--runtime", default="eager", help="eager (default), compiled or onnx (an export folder always runs on onnx)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of sampling (default 0)")
-    add_weight_args(p)
-
-
-def add_weight_args(p: argparse.ArgumentParser, threads: bool = True) -> None:
-    """--quantize and --quantize-vision (and --threads): shared by run, serve, caption, bench, eval parity, export."""
-    p.add_argument("--quantize", default=None, metavar="FORMAT",
-                   help="weight format of the decoder's linear layers: int8, int4 (block 32; int4-g64, int4-g128-sym, "
-                        "...), fp16 or bf16; add -nohead to keep lm_head as is (default: the model's own weights)")
-    p.add_argument("--quantize-vision", action="store_true", help="also quantize the vision stage's linear layers")
-    if threads:
-        p.add_argument("--threads", type=int, default=None,
-                       help="CPU threads of PyTorch and ONNX Runtime (default: all this process may use)")
+from vlmrt.options import (Parser, at_least, generation_args, in_range, int_list, model_args, non_negative_int,
+                           note_renamed, positive_int, runtime_args, weight_args)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
-    _common_model_args(p)
+    model_args(p)
+    runtime_args(p)
+    generation_args(p)
+    weight_args(p)
     p.add_argument("--image", required=True, action="append", help="image file; repeat for a batch")
     p.add_argument("--prompt", required=True, action="append", help="the question; one for all images or one per image")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
-    p.add_argument("--num-beams", type=int, default=1,
-                   help="beam search with K beams (1 = off, default; not with --temperature > 0); the answer "
-                        "is printed once it is complete, not streamed")
     p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
 
 
 def cmd_run(args) -> int:
     """Answer a question about an image, streaming the answer to stdout and timings to stderr."""
     from vlmrt.pipeline import Pipeline
-
     from vlmrt.processor import load_image
 
     prompts = args.prompt * len(args.image) if len(args.prompt) == 1 else args.prompt
@@ -69,6 +50,8 @@ def cmd_run(args) -> int:
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading a model
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
                          weights=weights)
+    watch_compiles(pipe.runtime)
+    print_notes(pipe.notes)  # the runtime that runs, when it is not the one asked for
     cfg = pipe.generation_config(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -82,8 +65,7 @@ def cmd_run(args) -> int:
     elif not args.json:
         for i, text in enumerate(result.texts):
             print(f"[{i}] {text}", flush=True)
-    for note in result.notes + _synthetic_note(pipe.loaded):
-        print(f"note: {note}", file=sys.stderr)
+    print_notes(result.notes + _synthetic_note(pipe.loaded))
     if args.json:
         print(json.dumps(_result_json(pipe, args, result), indent=2))
         return 0
@@ -91,12 +73,28 @@ def cmd_run(args) -> int:
     return 0
 
 
+def print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def watch_compiles(runtime) -> None:
+    """One line on stderr while a stage compiles for a new shape, ended by how long it took."""
+    if hasattr(runtime, "on_compile"):
+        runtime.on_compile = compile_notice
+
+
+def compile_notice(what: str):
+    print(f"vlmrt: compiling {what} ...", end="", file=sys.stderr, flush=True)
+    return lambda seconds: print(f" {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 def _result_json(pipe, args, result) -> dict:
     return {
         "model": pipe.loaded.name,
         "family": pipe.loaded.family,
         "synthetic_weights": pipe.loaded.synthetic,
-        "runtime": getattr(pipe.runtime, "name", args.runtime),  # an export folder runs on onnx
+        "runtime": pipe.runtime.name,  # an export folder runs on onnx
         "device": args.device,
         "dtype": args.dtype,
         "weights": args.quantize or "fp",
@@ -105,8 +103,8 @@ def _result_json(pipe, args, result) -> dict:
             {"image": img, "text": t, "token_ids": ids, "finish_reason": r}
             for img, t, ids, r in zip(args.image, result.texts, result.token_ids, result.finish_reasons)
         ],
-        "timings": result.timings,
-        "notes": result.notes,
+        "timings": result.timings,  # stage times; compile_ms (compiled runtime): first calls at new shapes, apart
+        "notes": pipe.notes + result.notes,
     }
 
 
@@ -119,6 +117,10 @@ def format_timings(t: dict, batch: int) -> str:
         ("decode", f"{t['ms_per_token']:.2f} ms/token x {t['decode_steps']} steps, batch {batch}"),
         ("throughput", f"{t['tokens_per_s']:.1f} tokens/s"),
     ]
+    spent = t.get("compile_ms") or {}
+    if spent.get("total"):
+        parts = ", ".join(f"{stage} {ms:,.0f}" for stage, ms in spent.items() if stage != "total" and ms)
+        rows.append(("compile", f"{spent['total']:,.0f} ms ({parts}): new shapes, not in the times above"))
     return "\n".join(["stage        time", "-----------  " + "-" * 30] + [f"{a:<11}  {b}" for a, b in rows])
 
 
@@ -133,18 +135,13 @@ def add_models_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args) -> int:
-    """List model families and presets."""
-    from vlmrt.models import FAMILIES, all_presets, family_class
+    """List model families and presets (from the preset catalog: no model is built, torch is not imported)."""
+    from vlmrt.catalog import read_catalog
 
-    rows = []
-    for name, (family, cfg) in all_presets().items():
-        with __import__("torch").device("meta"):
-            n = sum(p.numel() for p in family_class(family)(cfg).parameters())
-        d = cfg.decoder
-        rows.append({"preset": name, "family": family, "params_b": round(n / 1e9, 3),
-                     "llm": f"{d.num_layers}x{d.hidden_size}", "context": d.max_position_embeddings})
+    catalog = read_catalog()
+    rows = catalog["presets"]
     if args.json:
-        print(json.dumps({"families": list(FAMILIES), "presets": rows}, indent=2))
+        print(json.dumps(catalog, indent=2))
         return 0
     w = max(len(r["preset"]) for r in rows) + 2
     print(f"{'preset':<{w}}{'family':<10}{'params':>10}  {'llm layers x width':<20}{'context':>8}")
@@ -154,33 +151,47 @@ def cmd_models(args) -> int:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a preset (see `vlmrt models`) or a release folder")
+    model_args(p, dtypes=("fp32", "fp16"), device=False, required=False,
+               model_help="a preset (see `vlmrt models`) or a release folder")
+    p.add_argument("old_model", nargs="?", metavar="MODEL", help=argparse.SUPPRESS)  # the old spelling: export MODEL
     p.add_argument("--out", required=True, help="the export folder (absent or empty unless --force)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="weights and activations (default fp32; fp16 for GPU providers)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
-    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (presets; default 0)")
-    add_weight_args(p, threads=False)
+    weight_args(p, threads=False)
 
 
 def cmd_export(args) -> int:
     """Export a model's vision, embedding and decoder stages to ONNX graphs, with the tokenizer and a
-    manifest; `vlmrt run --model OUT ...` then runs it on ONNX Runtime with no model code."""
+    manifest; `vlmrt run --model OUT ...` then runs it on ONNX Runtime with no model code.
+    fp16 is for GPU providers (ONNX Runtime's CPU kernels are fp32)."""
     from vlmrt.export import export
+    from vlmrt.progress import StepBar
     from vlmrt.quantize import weights_from_args
 
-    m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed,
-               weights=weights_from_args(args))
+    if args.old_model:
+        if args.model:
+            raise VlmrtError(f"two models: --model {args.model} and {args.old_model}; give one, with --model")
+        args.model = args.old_model
+        note_renamed(args, "`vlmrt export MODEL`", "`vlmrt export --model MODEL`")
+        print_notes(args.renamed[-1:])
+    if not args.model:
+        raise VlmrtError("no model to export; give one with --model PRESET_OR_FOLDER (see `vlmrt models`)")
+    with StepBar(total=5, desc="export", log_prefix="vlmrt export") as bar:  # load, 3 stages, tokenizer + manifest
+        m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed,
+                   progress=bar.step, weights=weights_from_args(args))
     print(f"exported {m.name} ({m.family}, {m.dtype}, {m.weights} weights) to {args.out}: " + ", ".join(s.file for s in m.stages.values()))
     return 0
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    _common_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests run as one batch (default 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+    model_args(p)
+    runtime_args(p)
+    weight_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    g.add_argument("--max-batch", type=positive_int, default=8, help="most requests run as one batch (default 8)")
+    g.add_argument("--batch-wait-ms", type=in_range(0.0), default=5.0,
                    help="how long a request waits for others with the same settings to join its batch (default 5)")
 
 
@@ -198,6 +209,8 @@ def cmd_serve(args) -> int:
     loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed), weights)
     options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
     pipe = Pipeline(loaded, args.runtime, options)
+    watch_compiles(pipe.runtime)
+    print_notes(pipe.notes)
     server = make_server(pipe, args.host, args.port, args.max_batch, args.batch_wait_ms)
     notes = "".join(f"; note: {n}" for n in _synthetic_note(loaded))
     print(f"vlmrt: serving {server.model_name} ({pipe.runtime.name}, {loaded.device}) at {server.url}/v1 "
@@ -208,6 +221,50 @@ def cmd_serve(args) -> int:
         print("vlmrt: server stopped", file=sys.stderr)
     finally:
         server.server_close()
+    return 0
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    model_args(p, model_help="a preset (see `vlmrt models`) or a release folder")
+    runtime_args(p, many=True, default="eager,compiled,hf",
+                 extra_help="; also hf (transformers generate) and hf-compiled on the same weights; a vlmrt "
+                            "runtime may name a weight format: eager:int8,onnx:int4-g64")
+    generation_args(p, max_new_tokens=256, sampling=False, beams=False, tokens_help="tokens generated per row, stops ignored")
+    weight_args(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--batch", type=int_list, default=(1, 2, 4, 8, 10), metavar="B,B,...",
+                   help="comma-separated batch sizes (default 1,2,4,8,10)")
+    g.add_argument("--prompt-tokens", type=at_least(2), default=None,
+                   help="text tokens per prompt, image tokens on top (default: the chat template with a short question)")
+    g.add_argument("--repeats", type=positive_int, default=3, help="timed runs per runtime and batch; medians reported (default 3)")
+    g.add_argument("--warmup", type=non_negative_int, default=1, help="discarded runs first; compile happens here (default 1)")
+    g.add_argument("--no-agreement", action="store_true", help="skip the token comparison with eager fp32")
+    g.add_argument("--profile", action="store_true",
+                   help="profile one more pass per runtime and batch: device vs host time per decode step, "
+                        "syncs, top ops, a Chrome trace per row (docs/bench.md)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--out", required=True, help="folder for results.json, results.csv, results.png")
+
+
+def cmd_bench(args) -> int:
+    """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size."""
+    from vlmrt.bench import BenchConfig, format_table, run_bench
+    from vlmrt.quantize import weights_from_args
+
+    weights_from_args(args)  # --threads, and a clear error for a bad --quantize before any work
+    cfg = BenchConfig(
+        model=args.model, out=args.out, runtimes=args.runtime, batches=args.batch, new_tokens=args.max_new_tokens,
+        prompt_tokens=args.prompt_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats,
+        warmup=args.warmup, seed=args.seed, agreement=not args.no_agreement, profile=args.profile,
+        quantize=args.quantize, quantize_vision=args.quantize_vision,
+    )
+    result = run_bench(cfg, progress=not args.no_progress)
+    print_notes(result["meta"]["notes"])
+    print(format_table(result["rows"]))
+    if cfg.profile:
+        from vlmrt.profiling import format_profile
+
+        print("\nper decode step (profiled pass):\n" + format_profile(result["rows"]))
     return 0
 
 
@@ -223,11 +280,12 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vlmrt",
         description="Run vision-language models fast, on interchangeable runtimes, and prove it.",
         epilog="Presets run on synthetic weights from a seed (no download): their text is meaningless, timings are real.",
     )
+    parser.add_argument("--version", action="version", version=f"vlmrt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, func) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=func.__doc__)
@@ -237,15 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line `argv` (default: sys.argv[1:]); returns the exit code (2: bad input)."""
     try:
-        return args.func(args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already reported in one line
+        return e.code
+    print_notes(getattr(args, "renamed", None) or [])
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not in Python's exit-time flush
+        return code
     except VlmrtError as e:
         print(f"vlmrt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vlmrt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`vlmrt models --json | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 141  # 128 + SIGPIPE, as a shell reports a command a closed pipe stopped
 
 
 if __name__ == "__main__":

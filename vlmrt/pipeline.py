@@ -30,20 +30,29 @@ class Pipeline:
         >>> pipe(["photo.jpg"], ["Describe this image."]).texts[0]
     """
 
-    def __init__(self, loaded, runtime: str = "eager", runtime_options: dict | None = None):
+    def __init__(self, loaded, runtime: str | None = "eager", runtime_options: dict | None = None):
+        """Args:
+            loaded: a `vlmrt.models.LoadedModel`.
+            runtime: "eager", "compiled" or "onnx"; None: eager, or onnx for an export folder. An
+                export asked to run on "eager" runs on onnx, and `notes` says so.
+            runtime_options: the runtime's constructor options.
+        """
         from vlmrt.runtimes import runtime_class
 
         self.loaded = loaded
         self.processor = Processor(loaded.spec, loaded.tokenizer)
+        self.notes: list[str] = []  # what the user asked for and did not get (one line each)
         if loaded.model is None:  # an export folder holds graphs only: ONNX Runtime runs them
-            if runtime not in ("eager", "onnx"):
+            if runtime not in (None, "eager", "onnx"):
                 raise VlmrtError(f"{loaded.name} is an ONNX export; it runs on --runtime onnx, not {runtime}")
+            if runtime == "eager":
+                self.notes.append(f"{loaded.name} is an ONNX export: it runs on onnx, not eager (--runtime onnx says so)")
             runtime = "onnx"
-        self.runtime = runtime_class(runtime)(loaded, **(runtime_options or {}))
+        self.runtime = runtime_class(runtime or "eager")(loaded, **(runtime_options or {}))
 
     @classmethod
-    def load(cls, model: str, runtime: str = "eager", device: str = "cpu", dtype: str = "fp32", seed: int = 0,
-             weights=None) -> "Pipeline":
+    def load(cls, model: str, runtime: str | None = "eager", device: str = "cpu", dtype: str = "fp32",
+             seed: int = 0, weights=None) -> "Pipeline":
         """Load `model` (a preset or a release folder) and put it on `runtime`.
 
         Args:
@@ -89,9 +98,26 @@ class Pipeline:
         if t + config.max_new_tokens > ctx:
             notes.append(f"max_new_tokens cut from {config.max_new_tokens} to {ctx - t} to fit the context of {ctx}")
             config = replace(config, max_new_tokens=ctx - t)
+        compiled_before = dict(getattr(self.runtime, "compile_by_stage", {}))
         out = generate(self.runtime, batch, config, self.loaded.tokenizer, on_text)
         timings = {"preprocess_ms": preprocess_ms, **out.timings}
+        if compiled_before:
+            timings = without_compile(timings, compiled_before, self.runtime.compile_by_stage)
         total_new = sum(len(ids) for ids in out.token_ids)
         timings["tokens_per_s"] = total_new / ((timings["ttft_ms"] + timings["decode_ms"]) / 1e3)
         rows = batch["attention_mask"].sum(-1).tolist()
         return Result(out.texts, out.token_ids, out.finish_reasons, timings, t, notes, rows)
+
+
+def without_compile(timings: dict, before: dict, after: dict) -> dict:
+    """Stage times with the compile time of new shapes taken out, and that time as `compile_ms`
+    (per stage, and `total`). `before` / `after`: a runtime's `compile_by_stage` (seconds) around the run."""
+    spent = {stage: (after[stage] - before.get(stage, 0.0)) * 1e3 for stage in after}
+    t = dict(timings)
+    t["vision_ms"] -= spent.get("vision", 0.0)
+    t["prefill_ms"] -= spent.get("prefill", 0.0)
+    t["ttft_ms"] = t["vision_ms"] + t["prefill_ms"]
+    t["decode_ms"] -= spent.get("decode", 0.0)
+    t["ms_per_token"] = t["decode_ms"] / t["decode_steps"] if t["decode_steps"] else 0.0
+    t["compile_ms"] = {**spent, "total": sum(spent.values())}
+    return t

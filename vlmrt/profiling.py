@@ -42,7 +42,7 @@ def profile_generation(runner, batch: dict, new_tokens: int, device: torch.devic
     "top_ops", "trace"}; per-step values are means over the last N-2 decode steps.
     """
     if new_tokens < 3:
-        raise VlmrtError(f"profiling needs --new-tokens of at least 3 (2 are the baseline pass), got {new_tokens}")
+        raise VlmrtError(f"profiling needs --max-new-tokens of at least 3 (2 are the baseline pass), got {new_tokens}")
     runner.generate(batch, 2)  # unprofiled: a runtime may compile the shorter request's shapes first
     first = _profiled(runner, batch, 2, device, None)
     full = _profiled(runner, batch, new_tokens, device, trace)

@@ -151,7 +151,7 @@ def load_image_url(url: str):
 
 
 def _decode_data_url(url: str):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from vlmrt.processor import to_rgb
 
@@ -162,11 +162,14 @@ def _decode_data_url(url: str):
         raw = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
         raise HttpError(400, "the image data: URL's payload is not valid base64") from None
+    what = "the image data: URL does not hold an image PIL can read (JPEG, PNG, WebP ...)"
     try:
         img = Image.open(io.BytesIO(raw))
         img.load()
+    except UnidentifiedImageError:  # its message names the BytesIO object, which tells a client nothing
+        raise HttpError(400, what) from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise HttpError(400, f"the image data: URL does not hold an image PIL can read (JPEG, PNG, WebP ...): {e}") from None
+        raise HttpError(400, f"{what}: {e}") from None
     return to_rgb(img)
 
 

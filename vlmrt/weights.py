@@ -43,6 +43,7 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")
 
 
+BAR_ABOVE = 200_000_000  # parameters: loads of bigger models show a progress bar (on a terminal)
 _KERNELS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _GAINS = {"q_proj": 2.0, "k_proj": 2.0}  # module name -> gain on its matrix (sharper attention)
 
@@ -61,13 +62,18 @@ def synthetic_std(module_name: str, module: nn.Module, name: str, p: torch.Tenso
 def init_synthetic(model: nn.Module, seed: int, std: float = 0.02) -> None:
     """Fill every parameter of `model` in place, deterministically from `seed` (see the module
     docstring for the values; `std` is that of vectors: biases and norm offsets)."""
-    for mod_name, module in model.named_modules():
-        for name, p in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{name}" if mod_name else name
-            g = torch.Generator(device=p.device).manual_seed((seed * 1_000_003 + zlib.crc32(full.encode())) % 2**63)
-            p.normal_(0.0, std if is_norm(module) else synthetic_std(mod_name, module, name, p, std), generator=g)
-            if is_norm(module) and name == "weight":
-                p.add_(1.0)
+    from vlmrt.progress import bar
+
+    total = sum(p.numel() for p in model.parameters())
+    with bar(total, "synthetic weights", unit="param", show=total > BAR_ABOVE, unit_scale=True, leave=False) as shown:
+        for mod_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                full = f"{mod_name}.{name}" if mod_name else name
+                g = torch.Generator(device=p.device).manual_seed((seed * 1_000_003 + zlib.crc32(full.encode())) % 2**63)
+                p.normal_(0.0, std if is_norm(module) else synthetic_std(mod_name, module, name, p, std), generator=g)
+                if is_norm(module) and name == "weight":
+                    p.add_(1.0)
+                shown.update(p.numel())
 
 
 def build_on(device: torch.device, dtype: torch.dtype, factory):
@@ -129,9 +135,13 @@ def read_hf_weights(folder: str | os.PathLike) -> dict:
             missing = [s for s in shards if not (folder / s).exists()]
             if missing:
                 raise VlmrtError(f"{folder} is missing weight shards listed in {index_name}: {', '.join(missing)}")
+            from vlmrt.progress import bar
+
             state = {}
-            for s in shards:
-                state.update(reader(folder / s))
+            with bar(len(shards), f"reading {folder.name}", unit="shard", show=len(shards) > 1, leave=False) as shown:
+                for s in shards:
+                    state.update(reader(folder / s))
+                    shown.update(1)
             return state
     if (folder / "model.safetensors").exists():
         return read_safetensors(folder / "model.safetensors")

@@ -9,20 +9,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vlmrt.errors import VlmrtError
+from vlmrt.options import generation_args, in_range, model_args, positive_int, runtime_args, weight_args
+
+PARITY_PROMPT = "Describe this image."  # vlmrt.eval.parity.DEFAULT_PROMPT (that module imports torch)
+PREFIX = "A photo depicts "  # vlmrt.eval.clipscore.PREFIX (that module imports numpy); tests check both
+
 
 def add_caption_args(p: argparse.ArgumentParser) -> None:
-    from vlmrt.cli import _common_model_args
     from vlmrt.eval.caption import DEFAULT_PROMPT
 
-    _common_model_args(p)
+    model_args(p)
+    runtime_args(p)
+    generation_args(p, sampling=False, tokens_help="caption length limit")
+    weight_args(p)
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, ...)")
     p.add_argument("--out", required=True, help="captions JSON file; rewritten after every batch, resumed if it exists")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
-    p.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="caption length limit (default 64)")
-    p.add_argument("--num-beams", type=int, default=1,
-                   help="1: greedy (default); K > 1: beam search, e.g. 3 with --repetition-penalty 1.2 as MiniCPM-V-2's release")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    p.add_argument("--batch", type=positive_int, default=8, help="images per batch (default 8)")
     p.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -30,6 +34,7 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
 def cmd_caption(args) -> int:
     """Caption every image in a folder (greedy or beam search), in batches, into a JSON file written after every batch.
     Running the same command again resumes an interrupted run; unreadable images are recorded, not fatal."""
+    from vlmrt.cli import print_notes, watch_compiles
     from vlmrt.eval.caption import caption_folder, summarize
     from vlmrt.eval.images import list_images
     from vlmrt.pipeline import Pipeline
@@ -40,6 +45,8 @@ def cmd_caption(args) -> int:
     list_images(args.images, args.recursive)  # fail on a bad folder before loading a model
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
                          weights=weights)
+    watch_compiles(pipe.runtime)
+    print_notes(pipe.notes)
     _note_synthetic(pipe.loaded)
     doc = caption_folder(pipe, args.images, args.out, prompt=args.prompt, batch_size=args.batch,
                          max_new_tokens=args.max_new_tokens, recursive=args.recursive, progress=not args.no_progress,
@@ -49,25 +56,17 @@ def cmd_caption(args) -> int:
 
 
 def add_parity_args(p: argparse.ArgumentParser) -> None:
-    from vlmrt.eval.parity import DEFAULT_PROMPT
-
-    p.add_argument("--model", required=True, help="a preset (see `vlmrt models`) or a release folder")
-    p.add_argument("--runtimes", required=True,
-                   help="comma-separated, the first is the reference, e.g. eager,onnx; each may name a weight "
-                        "format: eager,eager:int8,onnx:int4 (--quantize sets it for those that do not)")
+    model_args(p, model_help="a preset (see `vlmrt models`) or a release folder")
+    runtime_args(p, many=True, extra_help="; the first is the reference, e.g. eager,onnx (at least two); each may "
+                                          "name a weight format: eager,eager:int8,onnx:int4")
+    generation_args(p, max_new_tokens=16, sampling=False, beams=False, tokens_help="greedy tokens per image, stop tokens off")
+    weight_args(p)
     p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
-    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per image, stop tokens off (default 16)")
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--prompt", default=PARITY_PROMPT, help=f"question asked of every image (default {PARITY_PROMPT!r})")
+    p.add_argument("--min-agreement", type=in_range(0.0, 1.0), default=None,
                    help="exit 1 when a runtime's overall token agreement is below this (e.g. 0.99); default: report only")
     p.add_argument("--json", help="also write the full report to this JSON file")
     p.add_argument("--recursive", action="store_true", help="also use images in subfolders")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights (default 0)")
-    from vlmrt.cli import add_weight_args
-
-    add_weight_args(p)
 
 
 def cmd_parity(args) -> int:
@@ -79,13 +78,15 @@ def cmd_parity(args) -> int:
     from vlmrt.models import load_model
     from vlmrt.quantize import weights_from_args
 
-    names = [n.strip() for n in args.runtimes.split(",") if n.strip()]
+    if not args.runtime:
+        raise VlmrtError("eval parity needs the runtimes to compare: --runtime REFERENCE,OTHER,... (e.g. eager,onnx)")
+    names = list(args.runtime)
     weights = weights_from_args(args)
     list_images(args.images, args.recursive)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     _note_synthetic(loaded)
     report = parity_report(loaded, build_runtimes(loaded, names, weights), args.images, prompt=args.prompt,
-                           new_tokens=args.new_tokens, recursive=args.recursive, min_agreement=args.min_agreement,
+                           new_tokens=args.max_new_tokens, recursive=args.recursive, min_agreement=args.min_agreement,
                            progress=sys.stderr.isatty())
     print(markdown(report))
     if args.json:
@@ -94,8 +95,6 @@ def cmd_parity(args) -> int:
 
 
 def add_clipscore_args(p: argparse.ArgumentParser) -> None:
-    from vlmrt.eval.clipscore import PREFIX
-
     p.add_argument("--images", required=True, help="the image folder the captions were made from")
     p.add_argument("--captions", required=True, nargs="+", help="caption files; the 2nd, 3rd ... are compared with the 1st")
     p.add_argument("--clip", required=True,
@@ -104,7 +103,7 @@ def add_clipscore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default=PREFIX, help=f"text put before every caption (default {PREFIX!r}, as in CLIPScore)")
     p.add_argument("--json", help="also write the full report (per-image scores) to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")  # not model_args: no --model here
 
 
 def cmd_clipscore(args) -> int:

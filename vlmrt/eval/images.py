@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 from vlmrt.errors import VlmrtError
-from vlmrt.processor import is_image_file
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
@@ -26,6 +25,8 @@ def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[str]
     if not root.is_dir():
         raise VlmrtError(f"{root} is a file; pass the folder that holds the images")
     walk = root.rglob("*") if recursive else root.iterdir()
+    from vlmrt.processor import is_image_file  # here, not at the top: the CLI's help imports no torch
+
     found = sorted(p.relative_to(root).as_posix() for p in walk if p.is_file() and is_image_file(p))
     if not found:
         hint = "" if recursive else " (add --recursive to search subfolders)"

@@ -48,7 +48,7 @@ def build_runtimes(loaded, names: list[str], weights=None) -> dict[str, object]:
     from vlmrt.runtimes import runtime_class
 
     if len(names) < 2:
-        raise VlmrtError(f"parity needs at least two runtimes, e.g. --runtimes eager,onnx; got {','.join(names) or 'none'}")
+        raise VlmrtError(f"parity needs at least two runtimes, e.g. --runtime eager,onnx; got {','.join(names) or 'none'}")
     runtimes: dict[str, object] = {}
     pool: dict = {}  # one quantized copy of the model per format
     for spec in names:
@@ -164,7 +164,7 @@ def parity_report(
     if len(runtimes) < 2:
         raise VlmrtError("parity needs at least two runtimes to compare")
     if new_tokens < 1:
-        raise VlmrtError(f"--new-tokens must be at least 1, got {new_tokens}")
+        raise VlmrtError(f"--max-new-tokens must be at least 1, got {new_tokens}")
     root = images_dir
     rows = _compare_folder(loaded, runtimes, list_images(root, recursive), root, prompt, new_tokens, progress)
     labels = list(runtimes)

@@ -148,7 +148,7 @@ def read_manifest(folder: str | Path, check_files: bool = True) -> Manifest:
     """
     folder = Path(folder)
     path = folder / MANIFEST
-    redo = f"re-export it with `vlmrt export MODEL --out {folder} --force`"
+    redo = f"re-export it with `vlmrt export --model MODEL --out {folder} --force`"
     if not path.is_file():
         raise VlmrtError(f"{folder} has no {MANIFEST}, so it is not a finished vlmrt export; {redo}")
     try:
@@ -176,7 +176,7 @@ def check_export_files(folder: Path, manifest: Manifest) -> None:
     """Every stage's graph and weights file must exist."""
     from vlmrt.stages import STAGES
 
-    redo = f"re-export it with `vlmrt export MODEL --out {folder} --force`"
+    redo = f"re-export it with `vlmrt export --model MODEL --out {folder} --force`"
     for stage in STAGES:
         if stage not in manifest.stages:
             raise VlmrtError(f"{folder / MANIFEST} names no {stage} graph; {redo}")

@@ -3,7 +3,8 @@
 A family class (models/<family>.py) provides: `presets` (name -> config), a constructor taking a
 config, `synthetic_tokenizer(config)`, `processor_spec` and `is_release_folder(folder)`; its module
 provides `load_release(folder, device, dtype) -> (model, tokenizer, config)`. Adding a family is one file, one line here and one test entry
-(tests/families.py).
+(tests/families.py); `python -m vlmrt.catalog` then refreshes models/presets.json, the preset list
+`vlmrt models` reads without importing torch (tests/test_registry.py fails while it is stale).
 """
 
 from __future__ import annotations

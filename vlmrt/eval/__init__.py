@@ -11,6 +11,8 @@
                  (`vlmrt eval parity`)
 - `clipscore.py` CLIP-score judge over caption sets (`vlmrt eval clipscore`); `clip_loader.py` loads
                  the judge from a Hugging Face CLIP folder or an open_clip checkpoint
+- `ray_caption.py`, `ray_clipscore.py`  the same two on a Ray cluster (`--ray`: a pool of actors, one
+                 model each, same output); `ray_cluster.py` connects, sizes the pool and streams the batches
 - `commands.py`  the CLI rows (arguments and thin command functions)
 - `images.py`    the shared folder listing and atomic JSON writing
 """

@@ -89,16 +89,56 @@ def load_previous(out: Path, setup: dict) -> dict[str, dict]:
     return {e["image"]: e for e in doc.get("entries", []) if "image" in e}
 
 
-def _document(setup: dict, pipe, entries: dict[str, dict], pending: int) -> dict:
-    return {
-        "format": FORMAT,
-        "complete": pending == 0,
-        "pending": pending,
-        "setup": setup,
-        "synthetic_weights": pipe.loaded.synthetic,
-        "device": str(pipe.loaded.device),
-        "entries": [entries[k] for k in sorted(entries)],
-    }
+def caption_header(pipe) -> dict:
+    """What the output file records about the run besides its setup (not checked on resume)."""
+    return {"synthetic_weights": pipe.loaded.synthetic, "device": str(pipe.loaded.device)}
+
+
+class CaptionsFile:
+    """The output of a run as it grows: earlier entries plus each finished batch, the whole document
+    rewritten atomically after every batch (the local loop and the Ray driver both write through it).
+
+    Args:
+        out: the JSON file.
+        setup: `caption_setup(...)` of this run.
+        header: `caption_header(pipe)`.
+        entries: image -> entry from an earlier run (`load_previous`).
+        todo: how many images this run still has to caption.
+    """
+
+    def __init__(self, out: Path, setup: dict, header: dict, entries: dict[str, dict], todo: int):
+        self.out, self.setup, self.header, self.entries, self.pending = out, setup, header, entries, todo
+
+    def document(self) -> dict:
+        return {"format": FORMAT, "complete": self.pending == 0, "pending": self.pending, "setup": self.setup,
+                **self.header, "entries": [self.entries[k] for k in sorted(self.entries)]}
+
+    def add(self, batch: list[dict]) -> None:
+        """Record one finished batch of entries and rewrite the file."""
+        for entry in batch:
+            self.entries[entry["image"]] = entry
+        self.pending = max(self.pending - len(batch), 0)
+        write_json_atomic(self.out, self.document())
+
+    def finish(self) -> dict:
+        """Write the final document (every image tried) and return it."""
+        self.pending = 0
+        doc = self.document()
+        write_json_atomic(self.out, doc)
+        return doc
+
+
+def check_caption_args(batch_size: int, prompt: str) -> None:
+    """Reject settings no run can use, before anything is loaded."""
+    if batch_size < 1:
+        raise VlmrtError(f"--batch must be at least 1, got {batch_size}")
+    if not prompt.strip():
+        raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+
+
+def images_to_do(names: list[str], entries: dict[str, dict]) -> list[str]:
+    """The images still without a caption: never captioned, or failed last time."""
+    return [n for n in names if "caption" not in entries.get(n, {})]
 
 
 def caption_batch(pipe, root: Path, names: list[str], prompt: str, config) -> list[dict]:
@@ -152,31 +192,25 @@ def caption_folder(
     Returns:
         The document written to `out`.
     """
-    if batch_size < 1:
-        raise VlmrtError(f"--batch must be at least 1, got {batch_size}")
-    if not prompt.strip():
-        raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+    check_caption_args(batch_size, prompt)
     root, out = Path(images_dir), Path(out)
     names = list_images(root, recursive)
     setup = caption_setup(pipe, root, prompt, max_new_tokens, num_beams, repetition_penalty)
     entries = load_previous(out, setup)
-    todo = [n for n in names if "caption" not in entries.get(n, {})]
+    todo = images_to_do(names, entries)
     config = pipe.generation_config(max_new_tokens=max_new_tokens, num_beams=num_beams,
                                     repetition_penalty=repetition_penalty)
     from tqdm.auto import tqdm
 
+    writer = CaptionsFile(out, setup, caption_header(pipe), entries, len(todo))
     bar = tqdm(total=len(names), initial=len(names) - len(todo), unit="img", desc="captioning",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            for entry in caption_batch(pipe, root, chunk, prompt, config):
-                entries[entry["image"]] = entry
-            write_json_atomic(out, _document(setup, pipe, entries, len(todo) - start - len(chunk)))
+            writer.add(caption_batch(pipe, root, chunk, prompt, config))
             bar.update(len(chunk))
-    doc = _document(setup, pipe, entries, 0)
-    write_json_atomic(out, doc)
-    return doc
+    return writer.finish()
 
 
 def summarize(doc: dict) -> str:

@@ -91,8 +91,13 @@ def clip_scores(judge, images_dir: Path, captions: dict[str, str], image_embeds:
         chunk = names[i:i + batch_size]
         text = judge.embed_texts([prefix + captions[n] for n in chunk])  # [n,E] unit vectors
         for n, t in zip(chunk, text):
-            scores[n] = w * max(float(t @ image_embeds[n]), 0.0)
+            scores[n] = clip_s(t, image_embeds[n], w)
     return scores
+
+
+def clip_s(text, image, w: float = W) -> float:
+    """CLIP-S of one caption and one image from their unit embeddings ([E] each)."""
+    return w * max(float(text @ image), 0.0)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, samples: int = 10000, seed: int = 0, level: float = 0.95) -> dict:
@@ -137,6 +142,46 @@ def set_names(files: list) -> list[str]:
     return [f"{n}#{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def read_sets(images_dir: str | os.PathLike, caption_files: list) -> tuple[Path, list[str], list[dict[str, str]]]:
+    """Read and check the caption files against the folder: (folder, set names, captions per set).
+
+    Raises:
+        VlmrtError: no caption file, a bad one, or captions of images not in the folder.
+    """
+    root = Path(images_dir)
+    list_images(root, recursive=True)  # the folder exists and holds images
+    if not caption_files:
+        raise VlmrtError("give at least one captions file (--captions A.json [B.json ...])")
+    return root, set_names(caption_files), [match_images(read_captions(f), root, str(f)) for f in caption_files]
+
+
+def build_report(judge_info: dict, root: Path, caption_files: list, names: list[str], set_scores: list[dict],
+                 w: float = W, prefix: str = PREFIX, samples: int = 10000, seed: int = 0) -> dict:
+    """The report of `clipscore_report` from the per-image scores of each set (however they were computed).
+
+    Args:
+        judge_info: {"clip": path, "source": "hf" or "open_clip"}.
+        root: the image folder.
+        caption_files, names: the files and their set names (`read_sets`).
+        set_scores: image -> CLIP-S, one dict per file.
+        w, prefix, samples, seed: as in `clipscore_report`.
+    """
+    folder = list_images(root, recursive=True)
+    sets, notes = [], []
+    for name, f, scores in zip(names, caption_files, set_scores):
+        sets.append({"name": name, "file": str(f), "images": len(scores), "mean": float(np.mean(list(scores.values()))),
+                     "scores": scores})
+        if len(scores) < len(folder):
+            notes.append(f"{name} captions {len(scores)} of the {len(folder)} images in {root}")
+    comparisons = [compare_sets((sets[0]["name"], sets[0]["scores"]), (s["name"], s["scores"]), samples, seed)
+                   for s in sets[1:]]
+    for c, s in zip(comparisons, sets[1:]):
+        if c["images"] < max(s["images"], sets[0]["images"]):
+            notes.append(f"{c['a']} vs {c['b']}: compared on the {c['images']} images both caption")
+    return {"clip": judge_info["clip"], "source": judge_info["source"], "w": w, "prefix": prefix,
+            "images_dir": str(root), "sets": sets, "comparisons": comparisons, "notes": notes}
+
+
 def clipscore_report(judge, images_dir: str | os.PathLike, caption_files: list, w: float = W, prefix: str = PREFIX,
                      samples: int = 10000, seed: int = 0) -> dict:
     """Score each caption file against the images and compare every set with the first.
@@ -155,25 +200,11 @@ def clipscore_report(judge, images_dir: str | os.PathLike, caption_files: list, 
          "significant"}],
          "notes"}.
     """
-    root = Path(images_dir)
-    folder = set(list_images(root, recursive=True))
-    if not caption_files:
-        raise VlmrtError("give at least one captions file (--captions A.json [B.json ...])")
-    names, embeds, sets, notes = set_names(caption_files), {}, [], []
-    for name, f in zip(names, caption_files):
-        caps = match_images(read_captions(f), root, str(f))
-        scores = clip_scores(judge, root, caps, embeds, w, prefix)
-        sets.append({"name": name, "file": str(f), "images": len(scores), "mean": float(np.mean(list(scores.values()))),
-                     "scores": scores})
-        if len(scores) < len(folder):
-            notes.append(f"{name} captions {len(scores)} of the {len(folder)} images in {root}")
-    comparisons = [compare_sets((sets[0]["name"], sets[0]["scores"]), (s["name"], s["scores"]), samples, seed)
-                   for s in sets[1:]]
-    for c, s in zip(comparisons, sets[1:]):
-        if c["images"] < max(s["images"], sets[0]["images"]):
-            notes.append(f"{c['a']} vs {c['b']}: compared on the {c['images']} images both caption")
-    return {"clip": judge.path, "source": judge.source, "w": w, "prefix": prefix, "images_dir": str(root),
-            "sets": sets, "comparisons": comparisons, "notes": notes}
+    root, names, caps = read_sets(images_dir, caption_files)
+    embeds = {}  # image embeddings, shared by the sets
+    set_scores = [clip_scores(judge, root, c, embeds, w, prefix) for c in caps]
+    return build_report({"clip": judge.path, "source": judge.source}, root, caption_files, names, set_scores,
+                        w, prefix, samples, seed)
 
 
 def markdown(report: dict) -> str:

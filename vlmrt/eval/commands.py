@@ -29,11 +29,39 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=8, help="images per batch (default 8)")
     p.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_ray_args(p)
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", action="store_true",
+                   help="run on a Ray cluster (pip install 'vlmrt[ray]'): a pool of actors, each loading the model once")
+    p.add_argument("--address", help="with --ray: the cluster (host:6379 or ray://host:10001); "
+                                     "default: RAY_ADDRESS, else a new local cluster")
+    p.add_argument("--actors", type=int, help="with --ray: actors in the pool (default 1)")
+    p.add_argument("--cpus-per-actor", type=float,
+                   help="with --ray: CPUs each actor holds, fractions allowed (default 0.5; leave some for Ray Data)")
+    p.add_argument("--gpus-per-actor", type=float, help="with --ray: GPUs each actor holds (default 0; e.g. 1 with --device cuda)")
+
+
+def ray_resources(args):
+    """The RayResources the --ray flags ask for, or None without --ray (then the other flags are refused)."""
+    from vlmrt.errors import VlmrtError
+    from vlmrt.eval.ray_cluster import RayResources
+
+    given = {k: getattr(args, k) for k in ("address", "actors", "cpus_per_actor", "gpus_per_actor")
+             if getattr(args, k) is not None}
+    if not args.ray:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise VlmrtError(f"{flags} only apply to a Ray run; add --ray")
+        return None
+    return RayResources(**given)
 
 
 def cmd_caption(args) -> int:
     """Caption every image in a folder (greedy or beam search), in batches, into a JSON file written after every batch.
-    Running the same command again resumes an interrupted run; unreadable images are recorded, not fatal."""
+    Running the same command again resumes an interrupted run; unreadable images are recorded, not fatal.
+    With --ray, a pool of Ray actors captions into the same file (docs/ray.md)."""
     from vlmrt.cli import print_notes, watch_compiles
     from vlmrt.eval.caption import caption_folder, summarize
     from vlmrt.eval.images import list_images
@@ -43,6 +71,11 @@ def cmd_caption(args) -> int:
 
     weights = weights_from_args(args)
     list_images(args.images, args.recursive)  # fail on a bad folder before loading a model
+    resources = ray_resources(args)
+    if resources is not None:
+        if not weights.is_fp:
+            raise VlmrtError("--quantize does not reach ray workers yet; caption without --ray, or without --quantize")
+        return _caption_on_ray(args, resources)
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
                          weights=weights)
     watch_compiles(pipe.runtime)
@@ -51,6 +84,22 @@ def cmd_caption(args) -> int:
     doc = caption_folder(pipe, args.images, args.out, prompt=args.prompt, batch_size=args.batch,
                          max_new_tokens=args.max_new_tokens, recursive=args.recursive, progress=not args.no_progress,
                          num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
+    print(f"{summarize(doc)}; written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _caption_on_ray(args, resources) -> int:
+    from vlmrt.eval.caption import summarize
+    from vlmrt.eval.ray_caption import PipelineSpec, caption_folder_ray
+
+    spec = PipelineSpec(args.model, args.runtime, args.device, args.dtype, args.seed)
+    doc = caption_folder_ray(spec, args.images, args.out, resources, prompt=args.prompt, batch_size=args.batch,
+                             max_new_tokens=args.max_new_tokens, recursive=args.recursive,
+                             progress=not args.no_progress, num_beams=args.num_beams,
+                             repetition_penalty=args.repetition_penalty)
+    if doc["synthetic_weights"]:
+        print(f"note: {doc['setup']['model']} runs on synthetic weights (seeded, no download): its text is meaningless",
+              file=sys.stderr)
     print(f"{summarize(doc)}; written to {args.out}", file=sys.stderr)
     return 0
 
@@ -104,11 +153,13 @@ def add_clipscore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the full report (per-image scores) to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")  # not model_args: no --model here
+    add_ray_args(p)
 
 
 def cmd_clipscore(args) -> int:
     """Score caption sets against their images with a local CLIP model (CLIP-S = 2.5 * max(cos, 0),
-    Hessel et al. 2021); report means, and each set against the first with a paired bootstrap interval."""
+    Hessel et al. 2021); report means, and each set against the first with a paired bootstrap interval.
+    With --ray, a pool of Ray actors does the embedding (docs/ray.md)."""
     from vlmrt.eval.clip_loader import load_clip
     from vlmrt.eval.clipscore import clipscore_report, markdown, read_captions
     from vlmrt.eval.images import list_images, write_json_atomic
@@ -116,8 +167,15 @@ def cmd_clipscore(args) -> int:
     list_images(args.images, recursive=True)  # fail on bad input before loading a model
     for f in args.captions:
         read_captions(f)
-    judge = load_clip(args.clip, tokenizer=args.tokenizer, device=args.device)
-    report = clipscore_report(judge, args.images, args.captions, prefix=args.prefix, seed=args.seed)
+    resources = ray_resources(args)
+    if resources is not None:
+        from vlmrt.eval.ray_clipscore import clipscore_report_ray
+
+        report = clipscore_report_ray(args.clip, args.images, args.captions, resources, tokenizer=args.tokenizer,
+                                      device=args.device, prefix=args.prefix, seed=args.seed)
+    else:
+        judge = load_clip(args.clip, tokenizer=args.tokenizer, device=args.device)
+        report = clipscore_report(judge, args.images, args.captions, prefix=args.prefix, seed=args.seed)
     print(markdown(report))
     if args.json:
         write_json_atomic(args.json, report)

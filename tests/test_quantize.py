@@ -270,3 +270,12 @@ def test_compiled_runs_quantized_weights_like_eager():
                            {"backend": "eager", "max_batch": 1, "compile_vision": False})
     assert any(isinstance(m, QuantizedLinear) for m in compiled.runtime.model.modules())
     assert torch.equal(compiled.generate(batch, 6)[1], eager.generate(batch, 6)[1])
+
+
+def test_caption_on_ray_refuses_a_weight_format(tmp_path, photo, capsys):
+    import shutil
+
+    shutil.copy(photo, tmp_path / "a.jpg")
+    args = ["caption", "--model", "minigpt4-tiny", "--images", str(tmp_path), "--out", str(tmp_path / "c.json")]
+    assert main(args + ["--ray", "--quantize", "int8"]) == 2
+    assert "--quantize does not reach ray workers yet" in capsys.readouterr().err

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from vlmrt.bench_weights import add_bandwidth_columns, bandwidth_probe, bytes_per_token, max_logit_error, split_label
 from vlmrt.config import DTYPES, GenerationConfig, resolve_device
 from vlmrt.errors import VlmrtError
 from vlmrt.generate import forced_logits, generate
@@ -46,8 +47,9 @@ from vlmrt.runtimes import RUNTIMES, runtime_class
 HF_RUNTIMES = ("hf", "hf-compiled")  # transformers' own generate, dynamic cache / static cache (+ its auto-compile on CUDA)
 IMAGE = Path(__file__).resolve().parent / "assets" / "astronaut.jpg"
 TIMED = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "tokens_per_s", "e2e_ms")
-COLUMNS = ("runtime", "batch", "prompt_tokens", "new_tokens", *TIMED, "peak_mem_mib", "warmup_s", "compile_s",
-           "speedup_vs_hf", "speedup_vs_eager", "agreement", "first_divergence", "error")
+COLUMNS = ("runtime", "weights", "batch", "prompt_tokens", "new_tokens", *TIMED, "peak_mem_mib", "warmup_s", "compile_s",
+           "speedup_vs_hf", "speedup_vs_eager", "bytes_per_token", "effective_gb_s", "floor_fraction", "agreement",
+           "max_logit_error", "first_divergence", "error")
 
 
 @dataclass(frozen=True)
@@ -68,14 +70,20 @@ class BenchConfig:
     agreement: bool = True  # compare tokens with eager fp32 greedy (skipped if an fp32 copy does not fit)
     runtime_options: dict = field(default_factory=dict, hash=False)  # runtime name -> constructor options
     profile: bool = False  # one more profiled pass per (runtime, batch): vlmrt/profiling.py
+    quantize: str | None = None  # weight format of runtimes named without one (`eager:int8` names its own)
+    quantize_vision: bool = False  # formats also cover the vision stage
 
 
 def check_config(cfg: BenchConfig) -> None:
     """Raise VlmrtError for anything wrong before any work starts."""
     known = (*RUNTIMES, *HF_RUNTIMES)
-    for name in cfg.runtimes:
+    for label in cfg.runtimes:
+        name, weights = split_label(label, default_weights(cfg))
         if name not in known:
-            raise VlmrtError(f"unknown runtime {name!r} in --runtime; available: {', '.join(known)}")
+            raise VlmrtError(f"unknown runtime {name!r} in --runtime; available: {', '.join(known)} "
+                             "(each may name a weight format: eager:int8, onnx:int4)")
+        if name in HF_RUNTIMES and not weights.is_fp:
+            raise VlmrtError(f"{label}: the hf baselines run the model's own weights; drop the format (or --quantize)")
     if not cfg.runtimes or not cfg.batches:
         raise VlmrtError("give at least one runtime (--runtime) and one batch size (--batch)")
     if min(cfg.batches) < 1 or cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0:
@@ -85,6 +93,12 @@ def check_config(cfg: BenchConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise VlmrtError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     resolve_device(cfg.device)  # a clear error for --device cuda without a GPU, before loading anything
+
+
+def default_weights(cfg: BenchConfig):
+    from vlmrt.quantize import parse_weights
+
+    return parse_weights(cfg.quantize, cfg.quantize_vision)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -164,6 +178,11 @@ class VlmrtRunner:
     def predict(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher-forced greedy picks [B,N]: feed the reference tokens, take each step's argmax."""
         return teacher_forced(self.runtime, batch, tokens)
+
+    def forced_logits(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [B,N,V] (fp32, CPU)."""
+        with torch.inference_mode():
+            return torch.stack([x.float().cpu() for x in forced_logits(self.runtime, batch, tokens)], dim=1)
 
     @property
     def compile_s(self):
@@ -271,19 +290,25 @@ def _sized_options(name: str, batches: tuple[int, ...], max_seq: int) -> dict:
     return {}
 
 
-def make_runner(name: str, cfg: BenchConfig, loaded, max_seq: int):
+def make_runner(label: str, cfg: BenchConfig, loaded, max_seq: int, pool: dict | None = None):
+    """The runner of one --runtime label (a runtime name, optionally with a weight format)."""
+    from vlmrt.quantize import loaded_for
+
+    name, weights = split_label(label, default_weights(cfg))
     if name in HF_RUNTIMES:
         from vlmrt.bench_hf import HFRunner
 
         return HFRunner(name, loaded)
     options = {**_sized_options(name, cfg.batches, max_seq), **cfg.runtime_options.get(name, {})}
-    return VlmrtRunner(name, loaded, options)
+    runner = VlmrtRunner(name, loaded_for(loaded, name, weights, {} if pool is None else pool), options)
+    runner.weights = weights.tag
+    return runner
 
 
-def _make_or_error(name: str, cfg: BenchConfig, loaded, max_seq: int, log):
+def _make_or_error(name: str, cfg: BenchConfig, loaded, max_seq: int, log, pool: dict):
     """The runner, or the VlmrtError that says why this runtime cannot run here (the sweep goes on)."""
     try:
-        return make_runner(name, cfg, loaded, max_seq)
+        return make_runner(name, cfg, loaded, max_seq, pool)
     except VlmrtError as e:
         log(f"{name}: cannot run: {e}")
         return e
@@ -304,7 +329,9 @@ def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> t
     runner, refs = VlmrtRunner("eager", ref, {}), {}
     for b, work in works.items():
         log(f"reference: eager fp32 greedy, batch {b}")
-        refs[b] = runner.generate(preprocess(processor, work, loaded.device)[0], cfg.new_tokens)[1]
+        batch = preprocess(processor, work, loaded.device)[0]
+        tokens = runner.generate(batch, cfg.new_tokens)[1]
+        refs[b] = (tokens, runner.forced_logits(batch, tokens))  # [B,N], [B,N,V]
     del runner, ref
     _free_memory(loaded.device)
     return refs, []
@@ -364,9 +391,17 @@ def _attempt(fn, name: str, work: Workload, cfg: BenchConfig, log) -> dict | Non
 def _result_row(name: str, timed: Timed, cfg: BenchConfig, ref) -> dict:
     row = {"runtime": name, "batch": len(timed.work.prompts), "prompt_tokens": timed.work.prompt_tokens,
            "new_tokens": cfg.new_tokens, **timed.row(), "agreement": None, "first_divergence": None, "error": None}
+    row["weights"] = getattr(timed.runner, "weights", "fp")
+    row["bytes_per_token"] = bytes_per_token(timed.runner)
     if ref is not None:
-        row["agreement"] = agreement(timed.runner.predict(timed.batch, ref), ref)
-        row["first_divergence"] = first_divergence(timed.tokens, ref)
+        tokens, ref_logits = ref
+        if hasattr(timed.runner, "forced_logits"):
+            logits = timed.runner.forced_logits(timed.batch, tokens)  # [B,N,V]
+            picks, row["max_logit_error"] = logits.argmax(-1), max_logit_error(logits, ref_logits)
+        else:
+            picks = timed.runner.predict(timed.batch, tokens)
+        row["agreement"] = agreement(picks, tokens)
+        row["first_divergence"] = first_divergence(timed.tokens, tokens)
     return row
 
 
@@ -420,12 +455,15 @@ def _run_bench(cfg: BenchConfig, log, tick) -> dict:
                          f"{loaded.max_context}; lower --max-new-tokens or --prompt-tokens")
     refs, notes = reference_tokens(cfg, loaded, processor, works, log)
     max_seq = max(w.prompt_tokens for w in works.values()) + cfg.new_tokens
-    runners = {name: _make_or_error(name, cfg, loaded, max_seq, log) for name in dict.fromkeys(cfg.runtimes)}
+    pool: dict = {}  # quantized copies of the model, one per format (vlmrt.quantize.loaded_for)
+    runners = {name: _make_or_error(name, cfg, loaded, max_seq, log, pool) for name in dict.fromkeys(cfg.runtimes)}
     rows = [r for b, w in works.items() for r in sweep_batch(runners, w, cfg, processor, loaded.device,
                                                              refs and refs[b], log, tick)]
     rows.sort(key=lambda r: list(runners).index(r["runtime"]))  # by runtime, then batch (stable)
     add_speedups(rows)
-    result = {"meta": metadata(cfg, loaded, notes), "rows": rows}
+    gb_s = bandwidth_probe() if loaded.device.type == "cpu" else None  # after the sweep, in this process
+    add_bandwidth_columns(rows, gb_s)
+    result = {"meta": {**metadata(cfg, loaded, notes), "bandwidth_gb_s": gb_s}, "rows": rows}
     write_outputs(result, Path(cfg.out), log)
     return result
 
@@ -520,16 +558,17 @@ def figure(result: dict):
 def format_table(rows: list[dict]) -> str:
     """The results as a Markdown table (pastes into bench/RESULTS.md)."""
     head = ("runtime", "batch", "preproc ms", "vision ms", "prefill ms", "TTFT ms", "decode ms/tok", "tok/s",
-            "e2e ms", "peak MiB", "warm-up s", "compile s", "x hf", "x eager", "agree")
+            "e2e ms", "peak MiB", "warm-up s", "compile s", "x hf", "x eager", "GB/s", "of floor", "agree",
+            "max logit err")
     keys = ("runtime", "batch", "preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token",
             "tokens_per_s", "e2e_ms", "peak_mem_mib", "warmup_s", "compile_s", "speedup_vs_hf", "speedup_vs_eager",
-            "agreement")
+            "effective_gb_s", "floor_fraction", "agreement", "max_logit_error")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["error"] is not None:
             lines.append(f"| {r['runtime']} | {r['batch']} | error: {r['error']} |")
             continue
-        lines.append("| " + " | ".join(_cell(k, r[k]) for k in keys) + " |")
+        lines.append("| " + " | ".join(_cell(k, r.get(k)) for k in keys) + " |")
     return "\n".join(lines)
 
 
@@ -540,6 +579,8 @@ def _cell(key: str, v) -> str:
         return str(v)
     if key.startswith("speedup"):
         return f"{v:.2f}x"
-    if key == "agreement":
+    if key in ("agreement", "floor_fraction"):
         return f"{100 * v:.1f}%"
+    if key == "max_logit_error":
+        return f"{v:.3g}"
     return f"{v:.2f}" if key == "decode_ms_per_token" else f"{v:.1f}"

@@ -21,13 +21,14 @@ from vlmrt import __version__
 from vlmrt.errors import VlmrtError
 from vlmrt.eval.commands import add_caption_args, add_eval_args, cmd_caption, cmd_eval
 from vlmrt.options import (Parser, at_least, generation_args, in_range, int_list, model_args, non_negative_int,
-                           note_renamed, positive_int, runtime_args)
+                           note_renamed, positive_int, runtime_args, weight_args)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
     runtime_args(p)
     generation_args(p)
+    weight_args(p)
     p.add_argument("--image", required=True, action="append", help="image file; repeat for a batch")
     p.add_argument("--prompt", required=True, action="append", help="the question; one for all images or one per image")
     p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
@@ -43,8 +44,12 @@ def cmd_run(args) -> int:
         raise VlmrtError(f"{len(args.image)} images but {len(prompts)} prompts; give one prompt, or one per image")
     if not all(p.strip() for p in prompts):
         raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+    from vlmrt.quantize import weights_from_args
+
+    weights = weights_from_args(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading a model
-    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
+    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
+                         weights=weights)
     watch_compiles(pipe.runtime)
     print_notes(pipe.notes)  # the runtime that runs, when it is not the one asked for
     cfg = pipe.generation_config(
@@ -92,6 +97,7 @@ def _result_json(pipe, args, result) -> dict:
         "runtime": pipe.runtime.name,  # an export folder runs on onnx
         "device": args.device,
         "dtype": args.dtype,
+        "weights": args.quantize or "fp",
         "prompt_tokens": result.prompt_tokens,
         "answers": [
             {"image": img, "text": t, "token_ids": ids, "finish_reason": r}
@@ -155,6 +161,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-shapes", action="store_true", help="onnx: fixed shapes only, one graph per bucket (for Ascend ATC)")
     p.add_argument("--batch", help="--static-shapes: batch buckets, e.g. 1,4 (default 1)")
     p.add_argument("--seq", help="--static-shapes: sequence buckets, e.g. 128,512; the largest is the KV cache (default 512)")
+    weight_args(p, threads=False)
 
 
 def cmd_export(args) -> int:
@@ -163,6 +170,7 @@ def cmd_export(args) -> int:
     fp16 is for GPU providers (ONNX Runtime's CPU kernels are fp32)."""
     from vlmrt.export import export
     from vlmrt.progress import StepBar
+    from vlmrt.quantize import weights_from_args
 
     if args.old_model:
         if args.model:
@@ -174,15 +182,17 @@ def cmd_export(args) -> int:
         raise VlmrtError("no model to export; give one with --model PRESET_OR_FOLDER (see `vlmrt models`)")
     with StepBar(total=5, desc="export", log_prefix="vlmrt export") as bar:  # load, 3 stages, tokenizer + manifest
         m = export(args.model, args.out, dtype=args.dtype, opset=args.opset, force=args.force, seed=args.seed,
-                   progress=bar.step, format=args.format, static_shapes=args.static_shapes, batch=args.batch, seq=args.seq)
+                   progress=bar.step, format=args.format, static_shapes=args.static_shapes, batch=args.batch, seq=args.seq,
+                   weights=weights_from_args(args))
     files = [g.info.file for g in m.graphs] or [s.file for s in m.stages.values()]
-    print(f"exported {m.name} ({m.family}, {m.dtype}) to {args.out}: " + ", ".join(files))
+    print(f"exported {m.name} ({m.family}, {m.dtype}, {m.weights} weights) to {args.out}: " + ", ".join(files))
     return 0
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
     runtime_args(p)
+    weight_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
@@ -197,10 +207,12 @@ def cmd_serve(args) -> int:
     with the same settings run as one batch. See docs/serve.md."""
     from vlmrt.models import load_model
     from vlmrt.pipeline import Pipeline
+    from vlmrt.quantize import weights_from_args, with_weights
     from vlmrt.serve import CHAT_PATH, check_batching, make_server
 
     check_batching(args.max_batch, args.batch_wait_ms)  # before a model load that may take minutes
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
+    weights = weights_from_args(args)
+    loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed), weights)
     options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
     pipe = Pipeline(loaded, args.runtime, options)
     watch_compiles(pipe.runtime)
@@ -221,8 +233,10 @@ def cmd_serve(args) -> int:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     model_args(p, model_help="a preset (see `vlmrt models`) or a release folder")
     runtime_args(p, many=True, default="eager,compiled,hf",
-                 extra_help="; also hf (transformers generate) and hf-compiled on the same weights")
+                 extra_help="; also hf (transformers generate) and hf-compiled on the same weights; a vlmrt "
+                            "runtime may name a weight format: eager:int8,onnx:int4-g64")
     generation_args(p, max_new_tokens=256, sampling=False, beams=False, tokens_help="tokens generated per row, stops ignored")
+    weight_args(p)
     g = p.add_argument_group("sweep")
     g.add_argument("--batch", type=int_list, default=(1, 2, 4, 8, 10), metavar="B,B,...",
                    help="comma-separated batch sizes (default 1,2,4,8,10)")
@@ -241,11 +255,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args) -> int:
     """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size."""
     from vlmrt.bench import BenchConfig, format_table, run_bench
+    from vlmrt.quantize import weights_from_args
 
+    weights_from_args(args)  # --threads, and a clear error for a bad --quantize before any work
     cfg = BenchConfig(
         model=args.model, out=args.out, runtimes=args.runtime, batches=args.batch, new_tokens=args.max_new_tokens,
         prompt_tokens=args.prompt_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, agreement=not args.no_agreement, profile=args.profile,
+        quantize=args.quantize, quantize_vision=args.quantize_vision,
     )
     result = run_bench(cfg, progress=not args.no_progress)
     print_notes(result["meta"]["notes"])

@@ -88,3 +88,22 @@ def resolve_device(name: str) -> torch.device:
             raise VlmrtError(f"--device {name} asked for, but this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu")
         return torch.device(name)
     raise VlmrtError(f"unknown device {name!r}; use cpu or cuda")
+
+
+_THREADS: list[int | None] = [None]  # set by set_threads; None: each runtime's own default
+
+
+def set_threads(n: int | None) -> None:
+    """CPU threads for PyTorch (intra-op) and for ONNX Runtime sessions made afterwards; None: leave the
+    defaults. On shared cores fewer threads than cores can be faster (less waiting for a descheduled one)."""
+    if n is None:
+        return
+    if not isinstance(n, int) or n < 1:
+        raise VlmrtError(f"--threads must be an integer >= 1, got {n!r}")
+    torch.set_num_threads(n)
+    _THREADS[0] = n
+
+
+def cpu_threads() -> int | None:
+    """The count given to set_threads, or None."""
+    return _THREADS[0]

@@ -10,6 +10,7 @@ one line before any work starts. Importing this module imports no torch.
  model_args      --model --dtype --device --seed       run, caption, serve, bench, eval parity, export
  runtime_args    --runtime NAME | --runtime A,B,...    run, caption, serve | bench, eval parity
  generation_args --max-new-tokens (+ sampling, beams)  run, caption, bench, eval parity
+ weight_args     --quantize --quantize-vision --threads run, caption, serve, bench, eval parity (export: no --threads)
 ```
 """
 
@@ -161,4 +162,17 @@ def generation_args(p, max_new_tokens: int = 64, sampling: bool = True, beams: b
         g.add_argument("--num-beams", type=positive_int, default=1, metavar="K",
                        help="beam search with K beams (1 = off, default; not with --temperature > 0); "
                             "the answer is printed once it is complete, not streamed")
+    return g
+
+
+def weight_args(p, threads: bool = True):
+    """--quantize, --quantize-vision (and --threads): the weight format and CPU threads. Returns the group."""
+    g = p.add_argument_group("weights")
+    g.add_argument("--quantize", default=None, metavar="FORMAT",
+                   help="weight format of the decoder's linear layers: int8, int4 (block 32; int4-g64, int4-g128-sym, "
+                        "...), fp16 or bf16; add -nohead to keep lm_head as is (default: the model's own weights)")
+    g.add_argument("--quantize-vision", action="store_true", help="also quantize the vision stage's linear layers")
+    if threads:
+        g.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="CPU threads of PyTorch and ONNX Runtime (default: all this process may use)")
     return g

@@ -55,11 +55,16 @@ class Pipeline:
 
     @classmethod
     def load(cls, model: str, runtime: str | None = "eager", device: str = "cpu", dtype: str = "fp32",
-             seed: int = 0) -> "Pipeline":
-        """Load `model` (a preset or a release folder) and put it on `runtime`."""
-        from vlmrt.models import load_model
+             seed: int = 0, weights=None) -> "Pipeline":
+        """Load `model` (a preset or a release folder) and put it on `runtime`.
 
-        return cls(load_model(model, device=device, dtype=dtype, seed=seed), runtime)
+        Args:
+            weights: a vlmrt.quantize.WeightConfig (int8, int4, ...); None: the weights as loaded.
+        """
+        from vlmrt.models import load_model
+        from vlmrt.quantize import with_weights
+
+        return cls(with_weights(load_model(model, device=device, dtype=dtype, seed=seed), weights), runtime)
 
     def generation_config(self, **overrides) -> GenerationConfig:
         """The model's own stop strings and stop tokens, plus the given overrides."""

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from vlmrt.errors import VlmrtError
-from vlmrt.options import generation_args, in_range, model_args, positive_int, runtime_args
+from vlmrt.options import generation_args, in_range, model_args, positive_int, runtime_args, weight_args
 
 PARITY_PROMPT = "Describe this image."  # vlmrt.eval.parity.DEFAULT_PROMPT (that module imports torch)
 PREFIX = "A photo depicts "  # vlmrt.eval.clipscore.PREFIX (that module imports numpy); tests check both
@@ -22,6 +22,7 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
     runtime_args(p)
     generation_args(p, sampling=False, tokens_help="caption length limit")
+    weight_args(p)
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, ...)")
     p.add_argument("--out", required=True, help="captions JSON file; rewritten after every batch, resumed if it exists")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
@@ -66,11 +67,17 @@ def cmd_caption(args) -> int:
     from vlmrt.eval.images import list_images
     from vlmrt.pipeline import Pipeline
 
+    from vlmrt.quantize import weights_from_args
+
+    weights = weights_from_args(args)
     list_images(args.images, args.recursive)  # fail on a bad folder before loading a model
     resources = ray_resources(args)
     if resources is not None:
+        if not weights.is_fp:
+            raise VlmrtError("--quantize does not reach ray workers yet; caption without --ray, or without --quantize")
         return _caption_on_ray(args, resources)
-    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
+    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
+                         weights=weights)
     watch_compiles(pipe.runtime)
     print_notes(pipe.notes)
     _note_synthetic(pipe.loaded)
@@ -99,8 +106,10 @@ def _caption_on_ray(args, resources) -> int:
 
 def add_parity_args(p: argparse.ArgumentParser) -> None:
     model_args(p, model_help="a preset (see `vlmrt models`) or a release folder")
-    runtime_args(p, many=True, extra_help="; the first is the reference, e.g. eager,onnx (at least two)")
+    runtime_args(p, many=True, extra_help="; the first is the reference, e.g. eager,onnx (at least two); each may "
+                                          "name a weight format: eager,eager:int8,onnx:int4")
     generation_args(p, max_new_tokens=16, sampling=False, beams=False, tokens_help="greedy tokens per image, stop tokens off")
+    weight_args(p)
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--prompt", default=PARITY_PROMPT, help=f"question asked of every image (default {PARITY_PROMPT!r})")
     p.add_argument("--min-agreement", type=in_range(0.0, 1.0), default=None,
@@ -116,14 +125,16 @@ def cmd_parity(args) -> int:
     from vlmrt.eval.images import list_images, write_json_atomic
     from vlmrt.eval.parity import build_runtimes, markdown, parity_report
     from vlmrt.models import load_model
+    from vlmrt.quantize import weights_from_args
 
     if not args.runtime:
         raise VlmrtError("eval parity needs the runtimes to compare: --runtime REFERENCE,OTHER,... (e.g. eager,onnx)")
     names = list(args.runtime)
+    weights = weights_from_args(args)
     list_images(args.images, args.recursive)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     _note_synthetic(loaded)
-    report = parity_report(loaded, build_runtimes(loaded, names), args.images, prompt=args.prompt,
+    report = parity_report(loaded, build_runtimes(loaded, names, weights), args.images, prompt=args.prompt,
                            new_tokens=args.max_new_tokens, recursive=args.recursive, min_agreement=args.min_agreement,
                            progress=sys.stderr.isatty())
     print(markdown(report))

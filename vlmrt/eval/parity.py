@@ -36,19 +36,28 @@ from vlmrt.eval.tensor_parity import Reference
 DEFAULT_PROMPT = "Describe this image."
 
 
-def build_runtimes(loaded, names: list[str]) -> dict[str, object]:
-    """One runtime per name, all on the same loaded weights; repeated names get `#2`, `#3` labels."""
+def build_runtimes(loaded, names: list[str], weights=None) -> dict[str, object]:
+    """One runtime per name, all on the same loaded weights; repeated names get `#2`, `#3` labels.
+
+    Args:
+        loaded: the model (its own weights).
+        names: runtime names, each optionally with a weight format (`eager:int8`, `onnx:int4`).
+        weights: the vlmrt.quantize.WeightConfig of names without a format (None: the model's own).
+    """
+    from vlmrt.quantize import WeightConfig, loaded_for, parse_runtime_spec
     from vlmrt.runtimes import runtime_class
 
     if len(names) < 2:
         raise VlmrtError(f"parity needs at least two runtimes, e.g. --runtime eager,onnx; got {','.join(names) or 'none'}")
     runtimes: dict[str, object] = {}
-    for name in names:
-        label, k = name, 1
+    pool: dict = {}  # one quantized copy of the model per format
+    for spec in names:
+        label, k = spec, 1
         while label in runtimes:
             k += 1
-            label = f"{name}#{k}"
-        runtimes[label] = runtime_class(name)(loaded)
+            label = f"{spec}#{k}"
+        name, cfg = parse_runtime_spec(spec, weights or WeightConfig())
+        runtimes[label] = runtime_class(name)(loaded_for(loaded, name, cfg, pool))
     return runtimes
 
 

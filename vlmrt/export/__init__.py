@@ -15,7 +15,7 @@ from vlmrt.export.onnx import DEFAULT_OPSET, EXPORT_DTYPES, StageIO, ensure_expo
 
 def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAULT_OPSET, force: bool = False,
            seed: int = 0, progress=print_progress, format: str = "onnx", static_shapes: bool = False,
-           batch: str | None = None, seq: str | None = None, device: str = "cpu") -> Manifest:
+           batch: str | None = None, seq: str | None = None, device: str = "cpu", weights=None) -> Manifest:
     """Export a preset or a release folder to `out` (manifest.json, the stages' graphs or packages,
     tokenizer files).
 
@@ -32,10 +32,16 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         batch: static batch buckets, "1,4" (default 1).
         seq: static sequence buckets, "128,512" (default 512); the largest is the KV-cache size.
         device: where the model is built and, for aoti, what the packages run on.
+        weights: a vlmrt.quantize.WeightConfig (int8 or int4: the decoder quantized with ONNX Runtime's
+            tools; dynamic ONNX exports only); None: the model's own weights.
     """
     from vlmrt.errors import VlmrtError
+    from vlmrt.export.quantize_onnx import check_onnx_format
     from vlmrt.models import load_model
+    from vlmrt.quantize import with_weights
 
+    if weights is not None:
+        check_onnx_format(weights)
     if dtype not in EXPORT_DTYPES:
         raise VlmrtError(f"cannot export in {dtype!r}; use --dtype fp32 or fp16")
     if format not in ("onnx", "aoti"):
@@ -52,7 +58,10 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         shapes.check(10**9)  # the context is checked once the model is loaded
     out = Path(out)
     prepare_out(out, force)  # fail before spending time on loading the model
-    loaded = load_model(model, device=device, dtype=dtype, seed=seed)
+    loaded = with_weights(load_model(model, device=device, dtype=dtype, seed=seed), weights)
+    if getattr(loaded, "weights", None) is not None and (format != "onnx" or static_shapes):
+        raise VlmrtError("--quantize exports are dynamic ONNX graphs (ONNX Runtime's quantizers); drop --format aoti "
+                         "or --static-shapes, or drop --quantize")
     if format == "aoti":
         from vlmrt.export.aoti import export_aoti_model
 

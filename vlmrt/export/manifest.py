@@ -9,7 +9,7 @@ still written for it and read; docs/export.md has a worked example):
    "format_version": 1 or 2,              # 2 when a v2 field is used; other values are refused
    "runtime": "onnx" | "aoti",            # v2: the runtime that runs the folder (default "onnx")
    "vlmrt_version": "0.2.0", "exporter": "torch.onnx TorchScript, torch 2.13.0", "opset": 17,
-   "model": {"name", "family", "synthetic", "seed", "config_hash", "dtype"},
+   "model": {"name", "family", "synthetic", "seed", "config_hash", "dtype", "weights"},  # weights: fp, int8, int4-g32-asym ...
    "kv_cache": {"num_layers", "num_kv_heads", "head_dim", "max_context"},
    "image_token_id": 0,
    "processor": ProcessorSpec.to_dict(),
@@ -121,6 +121,7 @@ class Manifest:
     runtime: str = "onnx"  # the runtime that runs this folder: "onnx" or "aoti"
     static: dict | None = None  # static-shape exports: {"batch": [...], "sequence": [...], "cache_len": S}
     graphs: tuple = ()  # GraphInfo per bucket (static and aoti exports); `stages` holds the first of each
+    weights: str = "fp"  # the decoder's weight format (vlmrt.quantize.WeightConfig.tag): fp, int8, int4-g32-asym, ...
 
     @property
     def format_version(self) -> int:
@@ -136,7 +137,7 @@ class Manifest:
             "exporter": self.exporter,
             "opset": self.opset,
             "model": {"name": self.name, "family": self.family, "synthetic": self.synthetic, "seed": self.seed,
-                      "config_hash": self.config_hash, "dtype": self.dtype},
+                      "config_hash": self.config_hash, "dtype": self.dtype, "weights": self.weights},
             "kv_cache": {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                          "head_dim": self.head_dim, "max_context": self.max_context},
             "image_token_id": self.image_token_id,
@@ -158,6 +159,7 @@ class Manifest:
             tokenizer_files=tuple(d.get("tokenizer_files", ())), vlmrt_version=d.get("vlmrt_version", ""),
             exporter=d.get("exporter", ""), opset=int(d.get("opset", 0)), runtime=str(d.get("runtime", "onnx")),
             static=d.get("static"), graphs=tuple(GraphInfo.from_dict(g) for g in d.get("graphs", ())),
+            weights=str(m.get("weights", "fp")),
         )
 
 

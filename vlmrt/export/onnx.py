@@ -55,7 +55,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -332,7 +332,14 @@ def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: boo
     Returns:
         The manifest written to `out`/manifest.json.
     """
+    from vlmrt.export.quantize_onnx import check_onnx_format, quantize_export
+    from vlmrt.quantize import WeightConfig, is_quantized
+
     dtype = export_dtype(loaded)
+    weights = loaded.weights or WeightConfig()
+    check_onnx_format(weights)
+    if is_quantized(loaded.model):  # ONNX Runtime's tools quantize the fp graph themselves
+        raise VlmrtError(f"{loaded.name}'s weights were already swapped for a torch runtime; export from a fresh load")
     out, progress = Path(out), progress or (lambda _: None)
     prepare_out(out, force)
     model, stages, upstream, known_axes = loaded.model, {}, {}, {}
@@ -348,7 +355,11 @@ def export_model(loaded, out: str | Path, opset: int = DEFAULT_OPSET, force: boo
         stages[stage] = export_stage(module, io, out, opset, progress)
         known_axes.update({k: axes_for(k, io.dynamic_axes) for k in module.output_names})
         upstream = {k: v.clone() for k, v in zip(module.output_names, outputs)}
-    manifest = new_manifest(loaded, stages, out, f"torch.onnx TorchScript exporter, torch {torch.__version__}", opset)
+    if not weights.is_fp:
+        quantize_export(out, weights, progress)
+        stages = {k: _restat(out, info) for k, info in stages.items()}
+    manifest = new_manifest(loaded, stages, out, f"torch.onnx TorchScript exporter, torch {torch.__version__}", opset,
+                            weights=weights.tag)
     write_manifest(out, manifest)
     progress(f"done: {out / MANIFEST}")
     return manifest
@@ -381,6 +392,12 @@ def new_manifest(loaded, stages: dict, out: Path, exporter: str, opset: int = 0,
     )
 
 
+def _restat(out: Path, info: StageInfo) -> StageInfo:
+    """A stage's info after its graph was rewritten (the weights file may be new or gone)."""
+    data = f"{info.file}.data"
+    return StageInfo(info.file, data if (out / data).exists() else None, info.inputs, info.outputs)
+
+
 def _save_tokenizer(tokenizer, out: Path) -> tuple[str, ...]:
     files = tokenizer.save_pretrained(str(out))
     return tuple(sorted(Path(f).name for f in files if Path(f).exists()))
@@ -393,8 +410,8 @@ def cache_root() -> Path:
 
 
 def cache_folder(loaded) -> Path:
-    """exports/<preset>-<dtype>-seed<seed>-<vlmrt version> under the cache root (releases: folder
-    name plus a hash of its path)."""
+    """exports/<preset>-<dtype>[-<weight format>]-seed<seed>-<vlmrt version> under the cache root
+    (releases: folder name plus a hash of its path)."""
     from vlmrt import __version__
     from vlmrt.config import DTYPES
 
@@ -402,7 +419,8 @@ def cache_folder(loaded) -> Path:
     name = loaded.name
     if not loaded.synthetic:
         name = f"{Path(name).name}-{hashlib.sha256(str(Path(name).resolve()).encode()).hexdigest()[:8]}"
-    return cache_root() / "exports" / f"{name}-{dtype}-seed{getattr(loaded, 'seed', None) or 0}-{__version__}"
+    weights = "" if loaded.weights is None or loaded.weights.is_fp else f"-{loaded.weights.tag}"
+    return cache_root() / "exports" / f"{name}-{dtype}{weights}-seed{getattr(loaded, 'seed', None) or 0}-{__version__}"
 
 
 def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
@@ -415,11 +433,31 @@ def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
     if (folder / MANIFEST).exists():
         try:
             m = read_manifest(folder)
-            if m.vlmrt_version == __version__ and m.config_hash == config_hash(loaded):
+            weights = "fp" if loaded.weights is None else loaded.weights.tag
+            if m.vlmrt_version == __version__ and m.config_hash == config_hash(loaded) and m.weights == weights:
                 return folder
         except VlmrtError:
             pass
         if progress:
             progress(f"the cached export in {folder} is stale; rebuilding it")
-    export_model(loaded, folder, force=True, progress=progress)
+    if loaded.weights is not None and not loaded.weights.is_fp:
+        _quantize_cached(loaded, folder, progress)
+    else:
+        export_model(loaded, folder, force=True, progress=progress)
     return folder
+
+
+def _quantize_cached(loaded, folder: Path, progress: Progress | None) -> None:
+    """A quantized cached export: a copy of the fp one (made first if missing), quantized in place
+    (tracing the model again would take minutes at real sizes)."""
+    from vlmrt.export.manifest import read_manifest
+    from vlmrt.export.quantize_onnx import check_onnx_format, quantize_export
+
+    check_onnx_format(loaded.weights)
+    fp = ensure_export(replace(loaded, weights=None), progress)
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(fp, folder, ignore=shutil.ignore_patterns(MANIFEST))  # unfinished until the manifest lands
+    quantize_export(folder, loaded.weights, progress)
+    m = read_manifest(fp)
+    stages = {k: _restat(folder, info) for k, info in m.stages.items()}
+    write_manifest(folder, replace(m, weights=loaded.weights.tag, stages=stages))

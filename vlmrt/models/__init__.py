@@ -42,6 +42,7 @@ class LoadedModel:
     dtype: torch.dtype
     seed: int | None = None  # seed of the synthetic weights (presets)
     export_dir: Path | None = None  # set for an export folder
+    weights: object = None  # a vlmrt.quantize.WeightConfig the runtime applies (None: the weights as loaded)
 
     @property
     def max_context(self) -> int:

@@ -131,7 +131,7 @@ class EvaAttention(nn.Module):
     def forward(self, x):
         b, n, w = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, w // self.heads)
+        qkv = (self.qkv(x) + bias).view(b, n, 3, self.heads, w // self.heads)  # a call, so a weight format can swap qkv
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B,H,N,hd]
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, w))

@@ -143,7 +143,9 @@ class CompiledRuntime:
         if loaded.model is None:
             raise VlmrtError(f"{loaded.name} is an ONNX export; the compiled runtime needs a preset or a release folder")
         self.options = _make_options(options)
-        self.loaded, self.model = loaded, loaded.model
+        from vlmrt.quantize import prepare_model
+
+        self.loaded, self.model = loaded, prepare_model(loaded, self.name)
         self.device, self.dtype = loaded.device, loaded.dtype
         o, m = self.options, self.model
         self.max_batch = o.max_batch

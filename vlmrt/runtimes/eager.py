@@ -14,8 +14,10 @@ class EagerRuntime:
 
     def __init__(self, loaded):
         """Args: loaded: a `vlmrt.models.LoadedModel`."""
+        from vlmrt.quantize import prepare_model
+
         self.loaded = loaded
-        self.model = loaded.model
+        self.model = prepare_model(loaded, self.name)  # linears swapped when a weight format is asked for
         self.device, self.dtype = loaded.device, loaded.dtype
         self.cache: StaticKVCache | None = None
 

@@ -151,12 +151,12 @@ def _one_line_error(capsys, argv, match):
     (["--static-shapes", "--format", "aoti"], "--static-shapes is for --format onnx"),
 ])
 def test_bad_static_flags(tmp_path, capsys, extra, match):
-    _one_line_error(capsys, ["export", "minigpt4-tiny", "--out", str(tmp_path / "e"), *extra], match)
+    _one_line_error(capsys, ["export", "--model", "minigpt4-tiny", "--out", str(tmp_path / "e"), *extra], match)
 
 
 def test_cli_static_export(tmp_path, capsys):
     out = tmp_path / "e"
-    assert main(["export", "minigpt4-tiny", "--out", str(out), "--static-shapes", "--batch", "1", "--seq", "160"]) == 0
+    assert main(["export", "--model", "minigpt4-tiny", "--out", str(out), "--static-shapes", "--batch", "1", "--seq", "160"]) == 0
     assert "decoder.b1.t160.onnx" in capsys.readouterr().out
     assert read_manifest(out).static == {"batch": [1], "sequence": [160], "cache_len": 160}
     assert main(["run", "--model", str(out), "--image", "vlmrt/assets/astronaut.jpg", "--prompt", "hi",

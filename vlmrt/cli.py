@@ -23,6 +23,9 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weights and activations (default fp32)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights and of sampling (default 0)")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="memory for the engine's KV cache slots, in GiB (default: half the free GPU memory; on a "
+                        "CPU a tenth of the RAM, at most 4)")
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +55,8 @@ def cmd_run(args) -> int:
     if not all(p.strip() for p in prompts):
         raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading a model
-    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
+    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
+                         kv_cache_gib=args.kv_cache_gib)
     cfg = pipe.generation_config(
         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -169,13 +173,14 @@ def cmd_serve(args) -> int:
     per request; "stream": true for Server-Sent Events), GET /v1/models, GET /health. Concurrent requests
     with the same settings run as one batch. See docs/serve.md."""
     from vlmrt.models import load_model
+    from vlmrt.engine import EngineOptions
     from vlmrt.pipeline import Pipeline
     from vlmrt.serve import CHAT_PATH, check_batching, make_server
 
     check_batching(args.max_batch, args.batch_wait_ms)  # before a model load that may take minutes
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
     options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
-    pipe = Pipeline(loaded, args.runtime, options)
+    pipe = Pipeline(loaded, args.runtime, options, EngineOptions(kv_cache_gib=args.kv_cache_gib))
     server = make_server(pipe, args.host, args.port, args.max_batch, args.batch_wait_ms)
     notes = "".join(f"; note: {n}" for n in _synthetic_note(loaded))
     print(f"vlmrt: serving {server.model_name} ({pipe.runtime.name}, {loaded.device}) at {server.url}/v1 "

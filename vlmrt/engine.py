@@ -40,6 +40,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -130,12 +131,15 @@ class Engine:
         per_slot = slot_bytes(m.num_layers, m.num_kv_heads, self.max_seq, m.head_dim, runtime.dtype)
         budget = default_kv_budget(runtime.device) if o.kv_cache_gib is None else int(o.kv_cache_gib * (1 << 30))
         slots = slots_for_budget(budget, per_slot, o.max_slots)
+        if o.kv_cache_gib is None:
+            slots = max(slots, 1)  # the default budget never refuses a model outright: one request at a time
         if slots < 1:
             raise VlmrtError(f"a KV cache budget of {budget / (1 << 30):.3g} GiB holds no request of {self.max_seq} "
                              f"positions ({per_slot / (1 << 30):.3g} GiB each); raise --kv-cache-gib or lower max_seq")
-        self.pool = runtime.allocate_slots(slots, self.max_seq)
-        self.num_slots = slots
-        self.mask = torch.zeros(slots, self.max_seq + 1, dtype=torch.long, device=runtime.device)  # [N,S+1]
+        with torch.inference_mode():  # every tensor of a step is an inference tensor (compiled guards see one kind)
+            self.pool = runtime.allocate_slots(slots, self.max_seq)  # a runtime may hold fewer, or shorter, slots
+            self.num_slots, self.max_seq = self.pool.num_slots, self.pool.max_seq
+            self.mask = torch.zeros(self.num_slots, self.max_seq + 1, dtype=torch.long, device=runtime.device)  # [N,S+1]
         self.byte_ids = byte_piece_ids(processor.tokenizer)
         self.waiting: deque[_State] = deque()
         self.running: dict[int, _State] = {}  # slot -> state
@@ -143,6 +147,8 @@ class Engine:
         self._live: dict[int, _State] = {}  # id -> state, until it finishes
         self.timers = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         self._ids = itertools.count()
+        if hasattr(runtime, "warmup"):
+            self._warm_up()
 
     # ------------------------------------------------------------------ the public verbs
     def add(self, request: Request) -> int:
@@ -205,6 +211,16 @@ class Engine:
                     on_event(ev)
         return states
 
+    def _warm_up(self) -> None:
+        """A compiled runtime builds every graph at start-up, none while serving: a probe request
+        (the bundled photo) compiles vision and prefill with the family's real input kinds, then
+        the runtime's warmup() the decode graph of every bucket."""
+        probe = Path(__file__).parent / "assets" / "astronaut.jpg"
+        self.run([Request("Describe this image.", probe, replace(self.default_config, max_new_tokens=2))])
+        with torch.inference_mode():
+            self.runtime.warmup()
+        self.timers = dict.fromkeys(self.timers, 0)
+
     # ------------------------------------------------------------------ admission and prefill
     def _fit(self, batch: dict, length: int, cfg: GenerationConfig) -> list[str]:
         ctx = self.max_seq
@@ -233,11 +249,11 @@ class Engine:
         rt.synchronize()
         t1 = time.perf_counter()
         embeds, extras = split_embedded(rt.embed(batch["input_ids"], features))  # [1,L,D]
-        positions = prompt_positions(batch)  # [1,L] or [3,1,L]
+        positions = prompt_positions(batch).to(self.mask.device).clone()  # [1,L] or [3,1,L]; an inference tensor
         self.mask[s.slot].zero_()
         self.mask[s.slot, :L] = 1
         device = self.mask.device
-        step = StepInputs(s.slot, s.slot + 1, embeds, positions.to(device), torch.arange(L, device=device)[None],
+        step = StepInputs(s.slot, s.slot + 1, embeds, positions, torch.arange(L, device=device)[None],
                           self.mask[s.slot:s.slot + 1], torch.tensor([L - 1], device=device), extras)
         logits = rt.run_step(step)  # [1,V]
         s.used, s.position = L, int(positions[..., -1].max()) + 1

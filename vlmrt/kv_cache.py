@@ -85,14 +85,34 @@ def write_slots(buffer: torch.Tensor, new: torch.Tensor, cache_position: torch.T
 
 
 class SlotView:
-    """Rows [start, stop) of a SlotKVCache as one decoder call's cache (views, no copy)."""
+    """Some rows of a SlotKVCache as one decoder call's cache.
 
-    update = StaticKVCache.update
+    Writes go straight into the pool (`index_put_` on its buffers, which a compiled graph turns into
+    an in-place scatter on its input: no copy of a cache window). Reads are a view of the rows
+    [start, start + n) when the call covers a contiguous range (`start` given), else the rows
+    gathered (`index_select`, one copy: a compiled prefill whose row is a tensor, not a constant).
 
-    def __init__(self, pool: "SlotKVCache", start: int, stop: int):
-        self.keys = [k[start:stop] for k in pool.keys]  # each [n,H_kv,S+1,hd]
-        self.values = [v[start:stop] for v in pool.values]
-        self.max_batch, self.max_seq = stop - start, pool.max_seq
+    Args:
+        pool: the SlotKVCache.
+        rows: [n] pool rows, on the pool's device (call i's row b is pool row rows[b]).
+        start: rows[0] when rows is the range [start, start + n), else None.
+    """
+
+    def __init__(self, pool: "SlotKVCache", rows: torch.Tensor, start: int | None):
+        self.pool, self.rows, self.start = pool, rows, start
+        self.heads = torch.arange(pool.keys[0].shape[1], device=rows.device) if pool.keys else None  # [H_kv]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+        """k, v [n,H_kv,T,hd] at positions cache_position [n,T] of their rows -> keys, values
+        [n,H_kv,S+1,hd] of those rows."""
+        index = (self.rows[:, None, None], self.heads[None, :, None], cache_position[:, None, :])  # -> [n,H_kv,T]
+        keys, values = self.pool.keys[layer], self.pool.values[layer]
+        keys.index_put_(index, k)
+        values.index_put_(index, v)
+        if self.start is not None:
+            n = self.rows.shape[0]
+            return keys[self.start:self.start + n], values[self.start:self.start + n]
+        return keys.index_select(0, self.rows), values.index_select(0, self.rows)
 
 
 class SlotKVCache:
@@ -117,7 +137,8 @@ class SlotKVCache:
         self.scratch = max_seq  # the position padding writes to
 
     def view(self, start: int, stop: int) -> SlotView:
-        return SlotView(self, start, stop)
+        """Rows [start, stop) as one call's cache (made per call: cheap; compiled runtimes keep theirs)."""
+        return SlotView(self, torch.arange(start, stop, device=self.keys[0].device), start)
 
 
 def slot_bytes(num_layers: int, num_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -1,4 +1,11 @@
-"""Pipeline: processor + runtime + generation loop. Images and questions in, answers out."""
+"""Pipeline: processor + runtime + engine. Images and questions in, answers out.
+
+```
+ images, prompts ─► one Request per row ─► Engine (vlmrt/engine.py): continuous batching
+                                             └► events ─► on_text(row, text) ─► Result
+ beam search, or a runtime without engine steps ─► generate() (the lock-step loop) ─► Result
+```
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
+from vlmrt.engine import Engine, EngineOptions, Request
 from vlmrt.generate import StreamCallback, generate
 from vlmrt.processor import Processor
 
@@ -30,10 +38,19 @@ class Pipeline:
         >>> pipe(["photo.jpg"], ["Describe this image."]).texts[0]
     """
 
-    def __init__(self, loaded, runtime: str = "eager", runtime_options: dict | None = None):
+    def __init__(self, loaded, runtime: str = "eager", runtime_options: dict | None = None,
+                 engine_options: EngineOptions | None = None):
+        """Args:
+            loaded: a `vlmrt.models.LoadedModel`.
+            runtime: eager, compiled or onnx.
+            runtime_options: the runtime's constructor options.
+            engine_options: the engine's KV pool (budget, slots); default `EngineOptions()`.
+        """
         from vlmrt.runtimes import runtime_class
 
         self.loaded = loaded
+        self.engine_options = engine_options or EngineOptions()
+        self._engine: Engine | None = None
         self.processor = Processor(loaded.spec, loaded.tokenizer)
         if loaded.model is None:  # an export folder holds graphs only: ONNX Runtime runs them
             if runtime not in ("eager", "onnx"):
@@ -42,11 +59,14 @@ class Pipeline:
         self.runtime = runtime_class(runtime)(loaded, **(runtime_options or {}))
 
     @classmethod
-    def load(cls, model: str, runtime: str = "eager", device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> "Pipeline":
-        """Load `model` (a preset or a release folder) and put it on `runtime`."""
+    def load(cls, model: str, runtime: str = "eager", device: str = "cpu", dtype: str = "fp32", seed: int = 0,
+             kv_cache_gib: float | None = None) -> "Pipeline":
+        """Load `model` (a preset or a release folder) and put it on `runtime`; `kv_cache_gib` sizes the
+        engine's KV pool (None: `vlmrt.kv_cache.default_kv_budget`)."""
         from vlmrt.models import load_model
 
-        return cls(load_model(model, device=device, dtype=dtype, seed=seed), runtime)
+        return cls(load_model(model, device=device, dtype=dtype, seed=seed), runtime,
+                   engine_options=EngineOptions(kv_cache_gib=kv_cache_gib))
 
     def generation_config(self, **overrides) -> GenerationConfig:
         """The model's own stop strings and stop tokens, plus the given overrides."""
@@ -67,6 +87,8 @@ class Pipeline:
             on_text: streaming callback, called as on_text(row, new_text).
         """
         config = config or self.generation_config()
+        if config.num_beams == 1 and hasattr(self.runtime, "run_step"):
+            return self._on_engine(images, prompts, config, on_text)
         t0 = time.perf_counter()
         batch = self.processor(images, prompts)
         batch = {k: v.to(self.loaded.device) if hasattr(v, "to") else v for k, v in batch.items()}  # loop runs on the model's device
@@ -89,3 +111,52 @@ class Pipeline:
         timings["tokens_per_s"] = total_new / ((timings["ttft_ms"] + timings["decode_ms"]) / 1e3)
         rows = batch["attention_mask"].sum(-1).tolist()
         return Result(out.texts, out.token_ids, out.finish_reasons, timings, t, notes, rows)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine over this pipeline's runtime (made on first use: it allocates the KV pool)."""
+        if self._engine is None:
+            self._engine = Engine(self.runtime, self.processor, self.generation_config(), self.engine_options)
+        return self._engine
+
+    def _on_engine(self, images: list, prompts: list[str], config: GenerationConfig, on_text) -> Result:
+        """One engine request per row; the rows run (and finish) independently."""
+        if len(images) != len(prompts):
+            raise VlmrtError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        engine, t0 = self.engine, time.perf_counter()
+        before = dict(engine.timers)
+        ids = []
+        try:
+            for im, p in zip(images, prompts):
+                ids.append(engine.add(Request(p, im, config)))
+        except VlmrtError:
+            for rid in ids:  # all or nothing: a refused row takes its batch with it
+                engine.abort(rid)
+            raise
+        states = [engine._live[rid] for rid in ids]
+        row_of = {rid: i for i, rid in enumerate(ids)}
+        start = time.perf_counter()
+        end = start
+        while any(s.row.finished is None for s in states):
+            for ev in engine.step():
+                if ev.request_id in row_of:
+                    end = ev.time
+                    if ev.text and on_text:
+                        on_text(row_of[ev.request_id], ev.text)
+        return _engine_result(states, engine.timers, before, (start - t0) * 1e3, start, end)
+
+
+def _engine_result(states, timers: dict, before: dict, preprocess_ms: float, start: float, end: float) -> Result:
+    """A Result from finished engine requests; stage times are the engine's over this call."""
+    ms = {k: (timers[k] - before[k]) * 1e3 for k in ("vision_s", "prefill_s", "decode_s")}
+    steps = timers["decode_steps"] - before["decode_steps"]
+    first = max(s.first_token for s in states)
+    timings = {"preprocess_ms": preprocess_ms, "vision_ms": ms["vision_s"], "prefill_ms": ms["prefill_s"],
+               "ttft_ms": (first - start) * 1e3, "decode_ms": (end - first) * 1e3, "decode_steps": steps,
+               "ms_per_token": ms["decode_s"] / steps if steps else 0.0}
+    token_ids = [list(s.row.tokens) for s in states]
+    timings["tokens_per_s"] = sum(map(len, token_ids)) / max(end - start, 1e-9)
+    notes = list(dict.fromkeys(n for s in states for n in s.notes))
+    lengths = [s.length for s in states]
+    return Result([s.row.text for s in states], token_ids, [s.row.finished for s in states], timings,
+                  max(lengths), notes, lengths)

@@ -35,7 +35,8 @@ def cmd_caption(args) -> int:
     from vlmrt.pipeline import Pipeline
 
     list_images(args.images, args.recursive)  # fail on a bad folder before loading a model
-    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed)
+    pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
+                         kv_cache_gib=args.kv_cache_gib)
     _note_synthetic(pipe.loaded)
     doc = caption_folder(pipe, args.images, args.out, prompt=args.prompt, batch_size=args.batch,
                          max_new_tokens=args.max_new_tokens, recursive=args.recursive, progress=not args.no_progress,

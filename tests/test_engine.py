@@ -183,3 +183,13 @@ def test_serve_bench_runs_the_same_load_on_both_paths(tmp_path):
     assert "tok/s" in format_serve(result) and (tmp_path / "serve.json").is_file()
     with pytest.raises(VlmrtError, match="concurrency"):
         run_serve_bench(ServeBenchConfig("minigpt4-tiny", requests=2, concurrency=0))
+
+
+def test_cli_kv_cache_budget_too_small_is_one_clear_line(capsys, photo):
+    from vlmrt.cli import main
+
+    rc = main(["run", "--model", "minigpt4-tiny", "--image", str(photo), "--prompt", "Hi", "--kv-cache-gib", "1e-9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "raise --kv-cache-gib" in err[0]
+    assert main(["run", "--model", "minigpt4-tiny", "--image", str(photo), "--prompt", "Hi", "--max-new-tokens", "3",
+                 "--kv-cache-gib", "0.01"]) == 0

@@ -471,7 +471,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(e.status, e.body())
 
     def log_message(self, format: str, *args) -> None:
-        if not self.server.quiet:
+        if not self.server.quiet and not self.server.closing:  # no writes to stderr while the process exits
             super().log_message(format, *args)
 
 
@@ -487,10 +487,14 @@ class VlmrtServer(ThreadingHTTPServer):
     stop both (the running batch finishes first)."""
 
     daemon_threads = True
+    block_on_close = False  # server_close() joins the handler threads itself, with a deadline
 
     def __init__(self, address: tuple[str, int], worker: BatchWorker, quiet: bool = False):
         super().__init__(address, _Handler)
         self.worker, self.quiet = worker, quiet
+        self.closing = False
+        self._handlers: set[threading.Thread] = set()  # threads answering a connection now
+        self._handlers_lock = threading.Lock()
         loaded = worker.pipeline.loaded
         self.model_name = Path(loaded.name).name or loaded.name  # a release or export folder: its name
         self.created = int(time.time())
@@ -518,9 +522,27 @@ class VlmrtServer(ThreadingHTTPServer):
         super().shutdown()
         self.worker.stop()
 
-    def server_close(self) -> None:
+    def process_request_thread(self, request, client_address) -> None:
+        me = threading.current_thread()
+        with self._handlers_lock:
+            self._handlers.add(me)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._handlers_lock:
+                self._handlers.discard(me)
+
+    def server_close(self, timeout: float = 3.0) -> None:
+        """Stop accepting, finish the running batch, then let handler threads end (up to `timeout`
+        s): a daemon thread still writing when the interpreter exits aborts the process."""
+        self.closing = True
         super().server_close()
         self.worker.stop()
+        deadline = time.monotonic() + timeout
+        with self._handlers_lock:
+            handlers = list(self._handlers)
+        for t in handlers:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def make_server(pipeline, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,

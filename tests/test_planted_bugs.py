@@ -42,13 +42,23 @@ def _is_decode(embeds) -> bool:
 
 
 def _wrap_decode(monkeypatch, runtime, change):
-    """runtime.decode with its arguments passed through `change(embeds, positions, mask, slots)`."""
+    """runtime.decode (the lock-step loop) and, where the runtime has one, runtime.run_step (the
+    engine, vlmrt/engine.py) with their arguments passed through `change(embeds, positions, mask,
+    slots)`; slots are [T] from the loop, [n,T] (per row) from the engine."""
     decode = runtime.decode
 
     def planted(embeds, positions, mask, slots, **extras):
         return decode(*change(embeds, positions, mask, slots), **extras)
 
     monkeypatch.setattr(runtime, "decode", planted)
+    if hasattr(runtime, "run_step"):
+        run_step = runtime.run_step
+
+        def planted_step(step):
+            e, p, m, s = change(step.inputs_embeds, step.position_ids, step.attention_mask, step.cache_position)
+            return run_step(dataclasses.replace(step, inputs_embeds=e, position_ids=p, attention_mask=m, cache_position=s))
+
+        monkeypatch.setattr(runtime, "run_step", planted_step)
 
 
 def position_plus_one(monkeypatch, runtime):
@@ -61,7 +71,10 @@ def previous_slot_masked(monkeypatch, runtime):
     def change(e, p, m, s):
         if _is_decode(e):
             m = m.clone()
-            m[:, int(s[0]) - 1] = 0
+            if s.dim() == 2:  # the engine: each row its own slot
+                m[torch.arange(m.shape[0]), s[:, 0] - 1] = 0
+            else:
+                m[:, int(s[0]) - 1] = 0
         return e, p, m, s
     _wrap_decode(monkeypatch, runtime, change)
 

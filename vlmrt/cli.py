@@ -21,7 +21,8 @@ from vlmrt import __version__
 from vlmrt.errors import VlmrtError
 from vlmrt.eval.commands import add_caption_args, add_eval_args, cmd_caption, cmd_eval
 from vlmrt.options import (Parser, at_least, generation_args, in_range, int_list, model_args, non_negative_int,
-                           note_renamed, positive_int, runtime_args, weight_args)
+                           note_renamed, positive_int, runtime_args, weight_args,
+                           kv_cache_args)
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     runtime_args(p)
     generation_args(p)
     weight_args(p)
+    kv_cache_args(p)
     p.add_argument("--image", required=True, action="append", help="image file; repeat for a batch")
     p.add_argument("--prompt", required=True, action="append", help="the question; one for all images or one per image")
     p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
@@ -49,7 +51,7 @@ def cmd_run(args) -> int:
     weights = weights_from_args(args)
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading a model
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
-                         weights=weights)
+                         weights=weights, kv_cache_gib=args.kv_cache_gib)
     watch_compiles(pipe.runtime)
     print_notes(pipe.notes)  # the runtime that runs, when it is not the one asked for
     cfg = pipe.generation_config(
@@ -193,6 +195,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
     runtime_args(p)
     weight_args(p)
+    kv_cache_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
@@ -206,6 +209,7 @@ def cmd_serve(args) -> int:
     per request; "stream": true for Server-Sent Events), GET /v1/models, GET /health. Concurrent requests
     with the same settings run as one batch. See docs/serve.md."""
     from vlmrt.models import load_model
+    from vlmrt.engine import EngineOptions
     from vlmrt.pipeline import Pipeline
     from vlmrt.quantize import weights_from_args, with_weights
     from vlmrt.serve import CHAT_PATH, check_batching, make_server
@@ -214,7 +218,7 @@ def cmd_serve(args) -> int:
     weights = weights_from_args(args)
     loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed), weights)
     options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
-    pipe = Pipeline(loaded, args.runtime, options)
+    pipe = Pipeline(loaded, args.runtime, options, EngineOptions(kv_cache_gib=args.kv_cache_gib))
     watch_compiles(pipe.runtime)
     print_notes(pipe.notes)
     server = make_server(pipe, args.host, args.port, args.max_batch, args.batch_wait_ms)
@@ -249,15 +253,26 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="profile one more pass per runtime and batch: device vs host time per decode step, "
                         "syncs, top ops, a Chrome trace per row (docs/bench.md)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s = p.add_argument_group("load scenario")
+    s.add_argument("--scenario", default="batch", choices=["batch", "serve"],
+                   help="batch (default): the per-batch-size table; serve: load on the engine vs one request at a "
+                        "time (vlmrt/bench_serve.py, writes serve.json)")
+    s.add_argument("--requests", type=positive_int, default=64, help="serve: requests in the load (default 64)")
+    s.add_argument("--concurrency", type=positive_int, default=32, help="serve: clients sending requests (default 32)")
+    s.add_argument("--rate", type=in_range(0.0, low_open=True), default=None,
+                   help="serve: Poisson arrivals per second instead of clients")
     p.add_argument("--out", required=True, help="folder for results.json, results.csv, results.png")
 
 
 def cmd_bench(args) -> int:
-    """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size."""
+    """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size; or, with
+    --scenario serve, a load on the engine against one request at a time."""
     from vlmrt.bench import BenchConfig, format_table, run_bench
     from vlmrt.quantize import weights_from_args
 
     weights_from_args(args)  # --threads, and a clear error for a bad --quantize before any work
+    if args.scenario == "serve":
+        return _serve_bench(args)
     cfg = BenchConfig(
         model=args.model, out=args.out, runtimes=args.runtime, batches=args.batch, new_tokens=args.max_new_tokens,
         prompt_tokens=args.prompt_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats,
@@ -271,6 +286,20 @@ def cmd_bench(args) -> int:
         from vlmrt.profiling import format_profile
 
         print("\nper decode step (profiled pass):\n" + format_profile(result["rows"]))
+    return 0
+
+
+def _serve_bench(args) -> int:
+    from vlmrt.bench_serve import ServeBenchConfig, format_serve, run_serve_bench
+
+    runtimes = list(args.runtime)
+    default = runtimes == ["eager", "compiled", "hf"]
+    if len(runtimes) > 1 and not default:
+        raise VlmrtError("--scenario serve runs one runtime; give one --runtime (eager or compiled)")
+    cfg = ServeBenchConfig(model=args.model, out=args.out, requests=args.requests, concurrency=args.concurrency,
+                           rate=args.rate, runtime="eager" if default else runtimes[0], dtype=args.dtype,
+                           device=args.device, seed=args.seed)
+    print(format_serve(run_serve_bench(cfg)))
     return 0
 
 

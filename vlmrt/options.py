@@ -176,3 +176,10 @@ def weight_args(p, threads: bool = True):
         g.add_argument("--threads", type=positive_int, default=None, metavar="N",
                        help="CPU threads of PyTorch and ONNX Runtime (default: all this process may use)")
     return g
+
+
+def kv_cache_args(p):
+    """--kv-cache-gib: the engine's KV pool budget (commands that generate through the engine)."""
+    p.add_argument("--kv-cache-gib", type=in_range(0.0, low_open=True), default=None, metavar="GIB",
+                   help="memory for the engine's KV cache slots, in GiB (default: half the free GPU memory; on a "
+                        "CPU a tenth of the RAM, at most 4)")

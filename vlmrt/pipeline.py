@@ -1,4 +1,11 @@
-"""Pipeline: processor + runtime + generation loop. Images and questions in, answers out."""
+"""Pipeline: processor + runtime + engine. Images and questions in, answers out.
+
+```
+ images, prompts ─► one Request per row ─► Engine (vlmrt/engine.py): continuous batching
+                                             └► events ─► on_text(row, text) ─► Result
+ beam search, or a runtime without engine steps ─► generate() (the lock-step loop) ─► Result
+```
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
+from vlmrt.engine import Engine, EngineOptions, Request
 from vlmrt.generate import StreamCallback, generate
 from vlmrt.processor import Processor
 
@@ -30,16 +38,21 @@ class Pipeline:
         >>> pipe(["photo.jpg"], ["Describe this image."]).texts[0]
     """
 
-    def __init__(self, loaded, runtime: str | None = "eager", runtime_options: dict | None = None):
+    def __init__(self, loaded, runtime: str | None = "eager", runtime_options: dict | None = None,
+                 engine_options: EngineOptions | None = None):
         """Args:
             loaded: a `vlmrt.models.LoadedModel`.
-            runtime: "eager", "compiled" or "onnx"; None: eager, or onnx for an export folder. An
-                export asked to run on "eager" runs on onnx, and `notes` says so.
+            runtime: "eager", "compiled", "onnx" or "aoti"; None: eager, or the runtime an export
+                folder's manifest names. An export asked to run on "eager" runs on its own runtime,
+                and `notes` says so.
             runtime_options: the runtime's constructor options.
+            engine_options: the engine's KV pool (budget, slots); default `EngineOptions()`.
         """
         from vlmrt.runtimes import runtime_class
 
         self.loaded = loaded
+        self.engine_options = engine_options or EngineOptions()
+        self._engine: Engine | None = None
         self.processor = Processor(loaded.spec, loaded.tokenizer)
         self.notes: list[str] = []  # what the user asked for and did not get (one line each)
         if loaded.model is None:  # an export folder holds graphs only: the runtime its manifest names runs them
@@ -55,16 +68,18 @@ class Pipeline:
 
     @classmethod
     def load(cls, model: str, runtime: str | None = "eager", device: str = "cpu", dtype: str = "fp32",
-             seed: int = 0, weights=None) -> "Pipeline":
+             seed: int = 0, weights=None, kv_cache_gib: float | None = None) -> "Pipeline":
         """Load `model` (a preset or a release folder) and put it on `runtime`.
 
         Args:
             weights: a vlmrt.quantize.WeightConfig (int8, int4, ...); None: the weights as loaded.
+            kv_cache_gib: the engine's KV pool budget (None: `vlmrt.kv_cache.default_kv_budget`).
         """
         from vlmrt.models import load_model
         from vlmrt.quantize import with_weights
 
-        return cls(with_weights(load_model(model, device=device, dtype=dtype, seed=seed), weights), runtime)
+        return cls(with_weights(load_model(model, device=device, dtype=dtype, seed=seed), weights), runtime,
+                   engine_options=EngineOptions(kv_cache_gib=kv_cache_gib))
 
     def generation_config(self, **overrides) -> GenerationConfig:
         """The model's own stop strings and stop tokens, plus the given overrides."""
@@ -85,6 +100,8 @@ class Pipeline:
             on_text: streaming callback, called as on_text(row, new_text).
         """
         config = config or self.generation_config()
+        if config.num_beams == 1 and hasattr(self.runtime, "run_step"):
+            return self._on_engine(images, prompts, config, on_text)
         t0 = time.perf_counter()
         batch = self.processor(images, prompts)
         batch = {k: v.to(self.loaded.device) if hasattr(v, "to") else v for k, v in batch.items()}  # loop runs on the model's device
@@ -111,6 +128,68 @@ class Pipeline:
         rows = batch["attention_mask"].sum(-1).tolist()
         return Result(out.texts, out.token_ids, out.finish_reasons, timings, t, notes, rows)
 
+    @property
+    def engine(self) -> Engine:
+        """The engine over this pipeline's runtime (made on first use: it allocates the KV pool)."""
+        if self._engine is None:
+            self._engine = Engine(self.runtime, self.processor, self.generation_config(), self.engine_options)
+        return self._engine
+
+    def _on_engine(self, images: list, prompts: list[str], config: GenerationConfig, on_text) -> Result:
+        """One engine request per row; the rows run (and finish) independently."""
+        if len(images) != len(prompts):
+            raise VlmrtError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        engine, t0 = self.engine, time.perf_counter()
+        before = dict(engine.timers)
+        compiled_before = dict(getattr(self.runtime, "compile_by_stage", {}))
+        ids = []
+        try:
+            for im, p in zip(images, prompts):
+                ids.append(engine.add(Request(p, im, config)))
+        except VlmrtError:
+            for rid in ids:  # all or nothing: a refused row takes its batch with it
+                engine.abort(rid)
+            raise
+        states = [engine._live[rid] for rid in ids]
+        row_of = {rid: i for i, rid in enumerate(ids)}
+        start = time.perf_counter()
+        try:
+            self._drain(engine, states, row_of, on_text)
+        except BaseException:
+            for rid in ids:  # nothing of this call stays in the engine
+                engine.abort(rid)
+            engine.pending = [ev for ev in engine.pending if ev.request_id not in row_of]
+            raise
+        end = max((s.finished_at for s in states), default=start)
+        result = _engine_result(states, engine.timers, before, (start - t0) * 1e3, start, end)
+        if compiled_before:
+            result.timings = without_compile(result.timings, compiled_before, self.runtime.compile_by_stage)
+        return result
+
+    @staticmethod
+    def _drain(engine, states, row_of, on_text) -> None:
+        while any(s.row.finished is None for s in states):
+            for ev in engine.step():
+                if ev.request_id in row_of:
+                    states[row_of[ev.request_id]].finished_at = ev.time
+                    if ev.text and on_text:
+                        on_text(row_of[ev.request_id], ev.text)
+
+
+def _engine_result(states, timers: dict, before: dict, preprocess_ms: float, start: float, end: float) -> Result:
+    """A Result from finished engine requests; stage times are the engine's over this call."""
+    ms = {k: (timers[k] - before[k]) * 1e3 for k in ("vision_s", "prefill_s", "decode_s")}
+    steps = timers["decode_steps"] - before["decode_steps"]
+    first = max(s.first_token for s in states)
+    timings = {"preprocess_ms": preprocess_ms, "vision_ms": ms["vision_s"], "prefill_ms": ms["prefill_s"],
+               "ttft_ms": (first - start) * 1e3, "decode_ms": (end - first) * 1e3, "decode_steps": steps,
+               "ms_per_token": ms["decode_s"] / steps if steps else 0.0}
+    token_ids = [list(s.row.tokens) for s in states]
+    timings["tokens_per_s"] = sum(map(len, token_ids)) / max(end - start, 1e-9)
+    notes = list(dict.fromkeys(n for s in states for n in s.notes))
+    lengths = [s.length for s in states]
+    return Result([s.row.text for s in states], token_ids, [s.row.finished for s in states], timings,
+                  max(lengths), notes, lengths)
 
 def without_compile(timings: dict, before: dict, after: dict) -> dict:
     """Stage times with the compile time of new shapes taken out, and that time as `compile_ms`

@@ -77,7 +77,8 @@ def init_synthetic(model: nn.Module, seed: int, std: float = 0.02) -> None:
 
 
 def build_on(device: torch.device, dtype: torch.dtype, factory):
-    """Construct `factory()` without allocating on the CPU first, then move it to (device, dtype).
+    """Construct `factory()` without allocating on the CPU first, then allocate it on `device`
+    directly in `dtype` (cast while still on the meta device: a 7B fp16 model never exists in fp32).
 
     Tied parameters (e.g. lm_head.weight = embed_tokens.weight) stay tied: `to_empty` gives each
     module its own new tensor, so the aliases are restored afterwards.
@@ -91,7 +92,7 @@ def build_on(device: torch.device, dtype: torch.dtype, factory):
             aliases[name] = first[id(p)]
         else:
             first[id(p)] = name
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     for name, target in aliases.items():
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(target))

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from vlmrt.errors import VlmrtError
-from vlmrt.options import generation_args, in_range, model_args, positive_int, runtime_args, weight_args
+from vlmrt.options import generation_args, kv_cache_args, in_range, model_args, positive_int, runtime_args, weight_args
 
 PARITY_PROMPT = "Describe this image."  # vlmrt.eval.parity.DEFAULT_PROMPT (that module imports torch)
 PREFIX = "A photo depicts "  # vlmrt.eval.clipscore.PREFIX (that module imports numpy); tests check both
@@ -22,6 +22,7 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
     runtime_args(p)
     generation_args(p, sampling=False, tokens_help="caption length limit")
+    kv_cache_args(p)
     weight_args(p)
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, ...)")
     p.add_argument("--out", required=True, help="captions JSON file; rewritten after every batch, resumed if it exists")
@@ -77,7 +78,7 @@ def cmd_caption(args) -> int:
             raise VlmrtError("--quantize does not reach ray workers yet; caption without --ray, or without --quantize")
         return _caption_on_ray(args, resources)
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
-                         weights=weights)
+                         weights=weights, kv_cache_gib=args.kv_cache_gib)
     watch_compiles(pipe.runtime)
     print_notes(pipe.notes)
     _note_synthetic(pipe.loaded)

@@ -89,12 +89,14 @@ def causal_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> t
     """Boolean mask [B,1,T,S]: query t sees key slot s when s is a valid token at or before it.
 
     attention_mask [B,S] marks valid key slots (0 for left padding and unwritten slots);
-    cache_position [T] (every row) or [B,T] (each row its own) is the slot of each query. A query
-    always sees its own slot, so left-padding rows attend to themselves instead of to nothing (a
-    fully masked row would give NaN).
+    cache_position is the slot of each query: [T] for every row alike (the lock-step loop), or [B,T]
+    per row (the engine: rows at different lengths share a step). A query always sees its own slot,
+    so padding rows attend to themselves instead of to nothing (a fully masked row would give NaN).
     """
     slots = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [S]
     q = cache_position[..., None]  # [T,1] or [B,T,1]
+    if q.dim() == 2:
+        q = q[None]  # [1,T,1]
     allowed = (slots <= q) & attention_mask[:, None, :].bool()  # [B,T,S]
     allowed = allowed | (slots == q)
     return allowed[:, None]  # [B,1,T,S]
@@ -166,7 +168,10 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.update(self.layer_idx, k, v, cache_position)  # [B,H_kv,S,hd]
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # grouped-query attention: repeat each kv head for its query heads
+        if groups > 1 and not torch.onnx.is_in_onnx_export():  # grouped-query attention in SDPA: no copies
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B,H,T,hd]
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if groups > 1:  # ONNX export: repeat each kv head for its query heads (opsets have no GQA attention)
             s = keys.shape[2]
             keys = keys[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
             values = values[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
@@ -201,11 +206,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def keep_position(h: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tensor:
-    """h [B,T,D] -> h [B,1,D] at index `logits_at` [1] (a tensor, so a compiled graph serves every
-    prompt length of a bucket), or all of h when None. Generation needs only the last real position's
-    logits: computing all T costs a [T,D]x[D,V] matmul and a [B,T,V] tensor (hundreds of MB at a
-    150k vocabulary) for nothing. Parity tests ask for all positions."""
-    return h if logits_at is None else h.index_select(1, logits_at)
+    """h [B,T,D] -> h [B,1,D] at index `logits_at` ([1]: the same index for every row, or [B]: one
+    per row, as the engine's right-padded prompts need), or all of h when None. A tensor, so a
+    compiled graph serves every prompt length of a bucket. Generation needs only the last real
+    position's logits: computing all T costs a [T,D]x[D,V] matmul and a [B,T,V] tensor (hundreds of
+    MB at a 150k vocabulary) for nothing. Parity tests ask for all positions."""
+    if logits_at is None:
+        return h
+    if logits_at.shape[0] == 1:
+        return h.index_select(1, logits_at)
+    return h.gather(1, logits_at.view(-1, 1, 1).expand(-1, 1, h.shape[2]))  # [B,1,D]
 
 
 class LlamaModel(nn.Module):
@@ -228,8 +238,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None) -> torch.Tensor:
-        """inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,S], cache_position [T]
-        -> logits [B,T,V], or [B,1,V] at index `logits_at` [1] (see keep_position)."""
+        """inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,S], cache_position [T] or
+        [B,T] (per row) -> logits [B,T,V], or [B,1,V] at `logits_at` [1] or [B] (see keep_position)."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, cache_position)
         h = inputs_embeds

@@ -147,7 +147,7 @@ class Qwen2VLDecoder(LlamaForCausalLM):
 
     def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds=None,
                 logits_at=None):
-        """inputs_embeds [B,T,D], position_ids [3,B,T], attention_mask [B,S], cache_position [T],
+        """inputs_embeds [B,T,D], position_ids [3,B,T], attention_mask [B,S], cache_position [T] or [B,T],
         deepstack_embeds [K,B,T,D] (prefill only) -> logits [B,T,V] ([B,1,V] with `logits_at` [1])."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         mask = causal_mask(attention_mask, cache_position)

@@ -18,6 +18,16 @@ before capture, one memory pool shared by graphs that never run at the same time
                 ─► logits [Bb,1,V] ─► [:b]
 ```
 
+Engine steps (vlmrt/engine.py), beside the lock-step path above:
+
+```
+ allocate_slots  SlotKVCache [N <= max_batch, H_kv, S+1, hd] per layer; decode buckets = batch buckets <= N
+ warmup()        (after the engine's probe request compiled vision + prefill) one decode graph per bucket
+ prefill         embeds [1,L,D] ─► one graph for every L (dynamic length) ─► writes its row in place
+ decode          rows [0,n) ─► static buffers of bucket Bb >= n (rows n..Bb-1: zero mask, scratch slot)
+                 ─► the Bb graph (CUDA graph on GPU) ─► in-place index_put_ into the pool ─► logits [n,V]
+```
+
 Why the padding is harmless:
 - Rows b..Bb-1 are zeros with an all-zero attention mask; a query always sees its own slot, so they
   stay finite, and rows never mix (attention and every matmul are per row). Their output is dropped.
@@ -43,7 +53,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmrt.errors import VlmrtError
-from vlmrt.kv_cache import StaticKVCache
+from vlmrt.generate import split_embedded
+from vlmrt.kv_cache import SlotKVCache, SlotView, StaticKVCache
 
 
 @dataclass(frozen=True)
@@ -282,6 +293,91 @@ class CompiledRuntime:
         if (bb, s) not in self._windows:
             self._windows[(bb, s)] = _Window(self.storage, bb, s)
         return self._windows[(bb, s)]
+
+    # ------------------------------------------------------------------ engine steps (vlmrt/engine.py)
+    def allocate_slots(self, num_slots: int, max_seq: int) -> SlotKVCache:
+        """The engine's KV pool: at most `max_batch` slots (the largest decode bucket) of at most this
+        runtime's `max_seq` positions. Decode buckets are the batch buckets up to the slot count."""
+        m, dev = self.model, self.device
+        n, seq = min(num_slots, self.max_batch), min(max_seq, self.max_seq)
+        self.pool = SlotKVCache(m.num_layers, n, m.num_kv_heads, seq, m.head_dim, self.dtype, dev)
+        self.slot_buckets = tuple(sorted({b for b in self.batch_buckets if b < n} | {n}))
+        self._slot_views = {nb: SlotView(self.pool, torch.arange(nb, device=dev), 0) for nb in self.slot_buckets}
+        self._prefill_row = torch.zeros(1, dtype=torch.long, device=dev)  # the row a prefill writes: an input
+        self._prefill_view = SlotView(self.pool, self._prefill_row, None)
+        o = self.options
+        kw = {"backend": o.backend, **({"mode": o.mode} if o.mode else {})}
+        self._engine_prefill = torch.compile(_own_copy(_prefill_step), dynamic=True, **kw)  # one graph for every T
+        self._engine_decode = torch.compile(_own_copy(_decode_step), dynamic=False, **kw)  # one per bucket
+        return self.pool
+
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """Compile (and on CUDA capture) one decode graph per bucket now, on padding rows that only
+        touch scratch positions. The engine runs a probe request first, which compiles the prefill
+        graph (dynamic prompt length) with the family's real input kinds. After this, serving
+        compiles no decoder graph (tests/test_engine_compiled.py checks with error_on_recompile)."""
+        pool, dev = self.pool, self.device
+        embeds, _ = split_embedded(self.embed(torch.zeros(1, 1, dtype=torch.long, device=dev), None))  # [1,1,D]
+        mask = torch.zeros(0, pool.max_seq + 1, dtype=torch.long, device=dev)
+        for nb in self.slot_buckets:
+            self._engine_decode_call(0, embeds[:0], None, mask, torch.zeros(0, 1, dtype=torch.long, device=dev), bucket=nb)
+
+    @torch.inference_mode()
+    def run_step(self, step) -> torch.Tensor:
+        """One engine decoder call (`vlmrt.engine.StepInputs`) -> logits [n,V]. A prefill (one row,
+        `logits_at` given) runs the dynamic-length graph; a decode over rows [0, n) runs the graph of
+        the smallest bucket >= n, its rows past n padding (zero mask, scratch position)."""
+        if step.logits_at is not None:
+            if step.stop - step.start != 1:
+                raise VlmrtError("the compiled runtime prefills one request per call")
+            return self._engine_prefill_call(step.start, step.inputs_embeds, step.position_ids, step.attention_mask,
+                                             step.cache_position, step.logits_at, step.extras)
+        if step.start != 0:
+            raise VlmrtError("the compiled runtime decodes pool rows [0, n) only")
+        return self._engine_decode_call(step.stop, step.inputs_embeds, step.position_ids, step.attention_mask,
+                                        step.cache_position)
+
+    def _engine_prefill_call(self, row, embeds, positions, mask, cache_position, logits_at, extras):
+        self._prefill_row.fill_(row)
+        embeds = embeds.to(self.dtype)
+        for t, dim in [(embeds, 1), (positions, -1), (cache_position, 1), *((x, -2) for x in extras.values())]:
+            torch._dynamo.mark_dynamic(t, dim % t.dim())  # the prompt length: one graph for every T
+        args = (self.model, embeds, positions, mask, cache_position, self._prefill_view, logits_at, extras)
+        return self._first_call(("engine-prefill",), lambda: self._engine_prefill(*args))[:, -1]  # [1,V]
+
+    def _engine_decode_call(self, n, embeds, positions, mask, cache_position, bucket: int | None = None):
+        """embeds [n,1,D], positions [n,1] (None: zeros), mask [n,S+1], cache_position [n,1] -> [n,V]
+        (the graph of `bucket`, default the smallest that holds n rows)."""
+        nb = bucket or pick_bucket(max(n, 1), self.slot_buckets)
+        st = self._engine_static(nb, embeds.shape[-1])
+        st["embeds"][:n].copy_(embeds)
+        st["embeds"][n:].zero_()
+        st["positions"].zero_()
+        if positions is not None:
+            st["positions"][:n].copy_(positions)
+        st["mask"][:n].copy_(mask)
+        st["mask"][n:].zero_()
+        st["slots"][:n].copy_(cache_position)
+        st["slots"][n:].fill_(self.pool.scratch)
+        inputs = (self.model, st["embeds"], st["positions"], st["mask"], st["slots"], self._slot_views[nb])
+        key = ("engine-decode", nb)
+        if not self.use_graphs:
+            return self._first_call(key, lambda: self._engine_decode(*inputs))[:n, -1]
+        return self._replay(key, self._engine_decode, inputs)[:n, -1].clone()  # the next replay overwrites it
+
+    def _engine_static(self, nb: int, width: int) -> dict:
+        """Static decode inputs per bucket, allocated once (CUDA graphs read these addresses)."""
+        key = ("engine", nb)
+        if key not in self._static:
+            dev, s = self.device, self.pool.max_seq + 1
+            self._static[key] = {
+                "embeds": torch.zeros(nb, 1, width, dtype=self.dtype, device=dev),  # [Bb,1,D]
+                "positions": torch.zeros(nb, 1, dtype=torch.long, device=dev),  # [Bb,1]
+                "mask": torch.zeros(nb, s, dtype=torch.long, device=dev),  # [Bb,S+1]
+                "slots": torch.zeros(nb, 1, dtype=torch.long, device=dev),  # cache_position [Bb,1]
+            }
+        return self._static[key]
 
     # ------------------------------------------------------------------ bookkeeping
     def _first_call(self, key, fn):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from vlmrt.errors import VlmrtError
-from vlmrt.kv_cache import StaticKVCache
+from vlmrt.kv_cache import SlotKVCache, StaticKVCache
 
 
 class EagerRuntime:
@@ -20,6 +20,7 @@ class EagerRuntime:
         self.model = prepare_model(loaded, self.name)  # linears swapped when a weight format is asked for
         self.device, self.dtype = loaded.device, loaded.dtype
         self.cache: StaticKVCache | None = None
+        self.pool: SlotKVCache | None = None  # the engine's slots (allocate_slots)
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
@@ -49,6 +50,21 @@ class EagerRuntime:
         last = torch.tensor([t - 1], device=self.device) if t > 1 else None  # logits of the last position only
         return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device),
                                  self.cache, logits_at=last, **extras)  # [B,1,V]
+
+    # ------------------------------------------------------------------ engine steps (vlmrt/engine.py)
+    def allocate_slots(self, num_slots: int, max_seq: int) -> SlotKVCache:
+        """The engine's KV pool: `num_slots` rows of `max_seq` positions (+ one scratch position)."""
+        m = self.model
+        self.pool = SlotKVCache(m.num_layers, num_slots, m.num_kv_heads, max_seq, m.head_dim, self.dtype, self.device)
+        return self.pool
+
+    @torch.inference_mode()
+    def run_step(self, step) -> torch.Tensor:
+        """One engine decoder call (`vlmrt.engine.StepInputs`) over pool rows [start, stop) -> logits
+        [n,V] at `logits_at` (the only position when T = 1)."""
+        logits = self.model.decode(step.inputs_embeds, step.position_ids, step.attention_mask, step.cache_position,
+                                   self.pool.view(step.start, step.stop), logits_at=step.logits_at, **step.extras)
+        return logits[:, -1]  # [n,V]
 
     @torch.inference_mode()
     def reorder(self, rows: torch.Tensor) -> None:

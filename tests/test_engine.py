@@ -1,0 +1,196 @@
+"""The engine: continuous batching on the slot pool. A request's answer must not depend on when it
+joins or on its neighbours; queueing, aborts and refusals behave."""
+
+import pytest
+import torch
+
+from conftest import load_tiny
+from families import FAMILY_TESTS
+from vlmrt.engine import Engine, EngineOptions, Request
+from vlmrt.errors import VlmrtError
+from vlmrt.generate import forced_logits
+from vlmrt.pipeline import Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["Describe this image.", "What is the person in the picture holding, and why?", "Hi"]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_TESTS))
+def pipe(request):
+    return Pipeline(load_tiny(FAMILY_TESTS[request.param]["tiny"]))
+
+
+def _engine(pipe, slots: int = 4, **kw) -> Engine:
+    return Engine(pipe.runtime, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=slots, **kw))
+
+
+def _alone(pipe, request: Request) -> list[int]:
+    return _engine(pipe).run([request])[0].row.tokens
+
+
+class _Spy:
+    """A runtime whose engine calls keep the logits of one request (by id), in call order."""
+
+    def __init__(self, runtime):
+        self.runtime, self.engine, self.watch, self.logits = runtime, None, None, []
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def run_step(self, step):
+        out = self.runtime.run_step(step)
+        s = self.engine._live.get(self.watch)
+        if s is not None and s.slot >= 0 and step.start <= s.slot < step.stop:
+            self.logits.append(out[s.slot - step.start].clone())
+        return out
+
+
+def _spied(pipe, slots: int = 4) -> tuple[Engine, _Spy]:
+    spy = _Spy(pipe.runtime)
+    spy.engine = Engine(spy, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=slots))
+    return spy.engine, spy
+
+
+def _drain(engine: Engine) -> dict[int, list]:
+    """Step until idle; id -> list of events."""
+    seen: dict[int, list] = {}
+    while engine.has_work():
+        for ev in engine.step():
+            seen.setdefault(ev.request_id, []).append(ev)
+        assert sorted(engine.running) == list(range(len(engine.running)))  # compacted: rows [0, n)
+    return seen
+
+
+def test_a_request_joining_a_running_batch_gets_its_solo_tokens(pipe, photo):
+    """Greedy fp32: the late request lands in a slot above 0, at another length than its neighbours,
+    after k steps; its tokens (and theirs) equal their runs alone, and so do its logits at every step
+    (a wrong position or slot moves logits even where greedy tokens survive)."""
+    cfg = lambda n, **kw: pipe.generation_config(max_new_tokens=n, stop_strings=(), stop_token_ids=(), **kw)
+    first = [Request(PROMPTS[0], photo, cfg(14)), Request(PROMPTS[2], photo, cfg(9, repetition_penalty=1.4))]
+    late = Request(PROMPTS[1], photo, cfg(10))
+    engine, spy = _spied(pipe)
+    ids = [engine.add(r) for r in first]
+    events: dict[int, list] = {}
+    for _ in range(4):
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    spy.watch = late_id = engine.add(late)
+    for rid, evs in _drain(engine).items():
+        events.setdefault(rid, []).extend(evs)
+    tokens = {rid: [t for ev in evs for t in ev.token_ids] for rid, evs in events.items()}
+    solo, solo_spy = _spied(pipe)
+    solo_spy.watch = solo.add(late)
+    _drain(solo)
+    assert tokens[late_id] == [int(x.argmax()) for x in solo_spy.logits]
+    batch = pipe.processor([photo], [late.prompt])  # the lock-step loop (generate.py) as the reference
+    lockstep = forced_logits(pipe.runtime, batch, torch.tensor([tokens[late_id]]))
+    for ours, theirs in zip(solo_spy.logits, lockstep):
+        torch.testing.assert_close(ours, theirs[0], rtol=1e-4, atol=1e-4)
+    assert len(spy.logits) == len(solo_spy.logits) == 10
+    for joined, alone in zip(spy.logits, solo_spy.logits):
+        torch.testing.assert_close(joined, alone, rtol=1e-4, atol=1e-4)
+    assert [tokens[i] for i in ids] == [_alone(pipe, r) for r in first]
+    assert events[late_id][-1].finished == "length" and len(tokens[late_id]) == 10
+
+
+def test_seeded_sampling_does_not_depend_on_neighbours(pipe, photo):
+    sampled = Request(PROMPTS[0], photo, pipe.generation_config(max_new_tokens=12, do_sample=True, temperature=1.5,
+                                                                 top_k=30, top_p=0.9, seed=11))
+    others = [Request(PROMPTS[1], photo, pipe.generation_config(max_new_tokens=7, do_sample=True, seed=3)),
+              Request(PROMPTS[2], photo, pipe.generation_config(max_new_tokens=15))]
+    alone = _engine(pipe).run([sampled])[0]
+    mixed = _engine(pipe).run([others[0], sampled, others[1]])[1]
+    assert (mixed.row.tokens, mixed.row.text) == (alone.row.tokens, alone.row.text)
+    reseeded = _engine(pipe).run([Request(sampled.prompt, photo, pipe.generation_config(
+        max_new_tokens=12, do_sample=True, temperature=1.5, top_k=30, top_p=0.9, seed=12))])[0]
+    assert reseeded.row.tokens != alone.row.tokens  # the seed is the request's own
+
+
+def test_more_requests_than_slots_queue(photo):
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    reqs = [Request(PROMPTS[i % 3], photo, pipe.generation_config(max_new_tokens=4 + i)) for i in range(5)]
+    engine = _engine(pipe, slots=2)
+    ids = [engine.add(r) for r in reqs]
+    first = engine.step()
+    assert len(engine.running) <= 2 and len(engine.waiting) >= 3
+    events = _drain(engine)
+    for ev in reversed(first):
+        events[ev.request_id].insert(0, ev)
+    got = [[t for ev in events[i] for t in ev.token_ids] for i in ids]
+    assert got == [_alone(pipe, r) for r in reqs]
+    assert not engine.running and not engine.waiting
+
+
+def test_abort_frees_the_slot_and_unknown_or_finished_ids_are_noops(photo):
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    engine = _engine(pipe, slots=1)
+    long = engine.add(Request(PROMPTS[0], photo, pipe.generation_config(max_new_tokens=40, stop_strings=(), stop_token_ids=())))
+    short = engine.add(Request(PROMPTS[2], photo, pipe.generation_config(max_new_tokens=3)))
+    engine.step()
+    assert list(s.id for s in engine.running.values()) == [long] and engine.waiting
+    assert engine.abort(long) is True and not engine.running  # freed at once
+    events = engine.step()
+    assert [(e.request_id, e.finished) for e in events][0] == (long, "abort")
+    assert any(e.request_id == short for e in events)  # the queued request took the slot in the same step
+    _drain(engine)
+    assert engine.abort(long) is False and engine.abort(short) is False and engine.abort(12345) is False
+    assert not engine.has_work()
+
+
+def test_a_prompt_longer_than_the_context_is_refused(photo):
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    length = pipe.processor([photo], [PROMPTS[1]])["input_ids"].shape[1]
+    engine = _engine(pipe, max_seq=length)
+    with pytest.raises(VlmrtError, match="shorten the prompt"):
+        engine.add(Request(PROMPTS[1], photo))
+    assert not engine.has_work()
+    rid = engine.add(Request(PROMPTS[2], photo, pipe.generation_config(max_new_tokens=500)))
+    assert "cut from 500" in engine.notes(rid)[0]
+    assert _drain(engine)[rid][-1].finished in ("stop", "length")
+
+
+def test_a_budget_that_holds_no_slot_says_so():
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    with pytest.raises(VlmrtError, match="kv-cache-gib"):
+        Engine(pipe.runtime, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=1e-6))
+    small = Engine(pipe.runtime, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=64))
+    m = pipe.loaded.model
+    per_slot = 2 * m.num_layers * m.num_kv_heads * (small.max_seq + 1) * m.head_dim * 4
+    assert small.num_slots == min(64, (1 << 28) // per_slot)
+    assert small.pool.keys[0].shape == (small.num_slots, m.num_kv_heads, small.max_seq + 1, m.head_dim)
+
+
+def test_stop_strings_and_stop_tokens_are_per_request(photo):
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    free_cfg = pipe.generation_config(max_new_tokens=12, stop_strings=(), stop_token_ids=())
+    free = _alone(pipe, Request(PROMPTS[0], photo, free_cfg))
+    stop_tok = pipe.generation_config(max_new_tokens=12, stop_strings=(), stop_token_ids=((free[4],),))
+    engine = _engine(pipe)
+    a, b = engine.run([Request(PROMPTS[0], photo, stop_tok), Request(PROMPTS[0], photo, free_cfg)])
+    assert a.row.finished == "stop" and a.row.tokens == free[:free.index(free[4]) + 1]
+    assert b.row.tokens == free and b.row.finished == "length"
+    assert torch.equal(engine.mask, torch.zeros_like(engine.mask))  # every slot freed
+
+
+def test_serve_bench_runs_the_same_load_on_both_paths(tmp_path):
+    from vlmrt.bench_serve import ServeBenchConfig, format_serve, run_serve_bench
+
+    cfg = ServeBenchConfig("minigpt4-tiny", str(tmp_path), requests=4, concurrency=2, answers=(3, 5), probe=False)
+    result = run_serve_bench(cfg)
+    assert result["engine"]["requests"] == result["one_at_a_time"]["requests"] == 4
+    assert result["engine"]["tokens"] == result["one_at_a_time"]["tokens"] >= 12  # exact lengths, stops off
+    assert result["engine"]["ttft_ms"]["p99"] >= result["engine"]["ttft_ms"]["p50"] > 0
+    assert "tok/s" in format_serve(result) and (tmp_path / "serve.json").is_file()
+    with pytest.raises(VlmrtError, match="concurrency"):
+        run_serve_bench(ServeBenchConfig("minigpt4-tiny", requests=2, concurrency=0))
+
+
+def test_cli_kv_cache_budget_too_small_is_one_clear_line(capsys, photo):
+    from vlmrt.cli import main
+
+    rc = main(["run", "--model", "minigpt4-tiny", "--image", str(photo), "--prompt", "Hi", "--kv-cache-gib", "1e-9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "raise --kv-cache-gib" in err[0]
+    assert main(["run", "--model", "minigpt4-tiny", "--image", str(photo), "--prompt", "Hi", "--max-new-tokens", "3",
+                 "--kv-cache-gib", "0.01"]) == 0

@@ -1,0 +1,61 @@
+"""The engine on the compiled runtime: every graph is built in warmup(), and serving (rows joining
+and leaving, prompts of any length) never recompiles; tokens equal the eager engine's.
+
+Dynamo's "eager" backend keeps this fast on a CPU: the graphs, guards and buckets are dynamo's,
+only Inductor's code generation is skipped (tests/test_compiled.py checks Inductor itself).
+"""
+
+import pytest
+import torch
+
+from conftest import load_tiny
+from vlmrt.engine import Engine, EngineOptions, Request
+from vlmrt.pipeline import Pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["Describe this image.", "What is the person in the picture holding, and why?", "Hi"]
+
+
+@pytest.fixture(scope="module", params=["minigpt4-tiny", "slimm-tiny"])  # plain RoPE; M-RoPE + DeepStack extras
+def pipes(request):
+    loaded = load_tiny(request.param)
+    return Pipeline(loaded), Pipeline(loaded, "compiled", {"max_batch": 4, "batch_buckets": (2, 4), "backend": "eager"})
+
+
+def _tokens(events: dict, rid: int) -> list[int]:
+    return [t for ev in events[rid] for t in ev.token_ids]
+
+
+def _serve(engine: Engine, photo, late_at: int) -> tuple[dict, list[int]]:
+    """Two requests, a third joining at step `late_at`, a fourth queued behind them; id -> events."""
+    cfg = lambda n, **kw: engine.default_config.__class__(**{**engine.default_config.__dict__, "max_new_tokens": n,
+                                                             "stop_strings": (), "stop_token_ids": (), **kw})
+    ids = [engine.add(Request(PROMPTS[0], photo, cfg(9))), engine.add(Request(PROMPTS[2], photo, cfg(5)))]
+    events: dict = {}
+    step = 0
+    while engine.has_work() or step <= late_at:
+        if step == late_at:
+            ids += [engine.add(Request(PROMPTS[1], photo, cfg(7, do_sample=True, seed=4))),
+                    engine.add(Request(PROMPTS[2], photo, cfg(4))),
+                    engine.add(Request(PROMPTS[0], photo, cfg(3, repetition_penalty=1.3)))]
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+        step += 1
+    return events, ids
+
+
+def test_compiled_engine_never_recompiles_and_matches_eager(pipes, photo):
+    eager, compiled = pipes
+    engine = compiled.engine  # warmup() compiles every graph here
+    seen = set(compiled.runtime._seen)
+    assert {("engine-decode", 2), ("engine-decode", 4), ("engine-prefill",)} <= seen
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got, ids = _serve(engine, photo, late_at=2)
+        again, ids2 = _serve(engine, photo, late_at=0)  # other row counts per step
+    new = {k for k in compiled.runtime._seen - seen if k[0] != "vision"}  # vision compiles per image shape, on first use
+    assert not new  # no decoder graph was compiled while serving
+    ref_engine = Engine(eager.runtime, eager.processor, eager.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=4))
+    ref, ref_ids = _serve(ref_engine, photo, late_at=2)
+    assert [_tokens(got, i) for i in ids] == [_tokens(ref, i) for i in ref_ids]
+    assert [_tokens(again, i) for i in ids2] == [_tokens(ref, i) for i in ref_ids]  # joining earlier: same tokens

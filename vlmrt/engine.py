@@ -1,0 +1,381 @@
+"""The engine: continuous batching on a slot-mapped KV cache. Requests join and leave a running
+batch at any step; each carries its own images, prompt, sampling settings and stops.
+
+Based on the scheduling of vLLM / TGI (a loop of steps over whatever requests are running, not a
+batch run from start to end) and on gpt-fast's explicit static cache, here one cache row ("slot")
+per running request (vlmrt/kv_cache.py `SlotKVCache`).
+
+```
+ add(request) ─► processor (tokens, pixels) ─► length check ─► waiting (FIFO) ─┐
+ abort(id) ─► free its slot now; an "abort" event at the next step             │
+                                                                               ▼
+ step():  1. admit: while a slot is free, pop a waiting request:
+              vision ─► embed ─► prefill [1,L] at slots 0..L-1 of its row ─► sample token 0
+          2. decode every running row in one call over pool rows [0, n):
+              token [n] ─► embed ─► decode(positions [n,1], cache_position [n,1], mask [n,S+1])
+              ─► logits [n,V] ─► sample per row (own config, own generator) ─► stop per row
+          3. a row that stopped frees its slot at once; events (new tokens, text, finish) out
+
+ KV pool (SlotKVCache): row r = the request in slot r        mask [N_slots, S+1] (on the device)
+   row 0 │ req 7: 0..L7+k7 valid ........ │ scratch │        1 = a valid key position of that row
+   row 1 │ req 9: 0..L9+k9 valid ...      │ scratch │        a row that finishes is refilled by the
+   row 2 │ free  (all zero)               │ scratch │        highest running row (compaction)
+```
+
+Decisions:
+- A fixed slot of `max_seq` positions per request, the lowest free slot first; when a request
+  finishes, the highest running row moves into its slot (its written positions only). So the running
+  rows are always the slots [0, n) and a decode call covers them as one view of the pool: writes
+  are in place, nothing is gathered, no padding row is computed (a compiled runtime pads n up to
+  its bucket; those rows write only to their scratch position).
+- Each new request is prefilled alone ([1,L], no padding), so its prefill never depends on its
+  neighbours; decode rows never mix (attention and every matmul are per row), and the sampler of a
+  row uses that row's logits, history and generator only. Hence the invariant the tests check: a
+  request's tokens are the same alone or joining a running batch at any step.
+- The pool's size comes from a memory budget (`kv_cache_gib`), not max_batch x context.
+- Beam search stays beside the engine (vlmrt/beam.py on the lock-step loop).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from vlmrt.config import GenerationConfig
+from vlmrt.errors import VlmrtError
+from vlmrt.generate import RowText, byte_piece_ids, prompt_positions, sample_next_token, split_embedded, vision_inputs
+from vlmrt.kv_cache import default_kv_budget, slot_bytes, slots_for_budget
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Size of the engine's KV pool."""
+
+    kv_cache_gib: float | None = None  # the pool's budget (None: kv_cache.default_kv_budget)
+    max_slots: int = 32  # requests decoded together at most; more wait in the queue
+    max_seq: int | None = None  # positions per slot (None: the model's context)
+
+
+@dataclass
+class Request:
+    """One request: a prompt about an image, with its own settings.
+
+    Args:
+        prompt: the question (the family's template is applied).
+        image: a path or PIL image.
+        config: sampling, stops and max tokens (None: the engine's default, the model's stops).
+    """
+
+    prompt: str
+    image: object = None
+    config: GenerationConfig | None = None
+
+
+@dataclass
+class Event:
+    """What one step did for one request."""
+
+    request_id: int
+    token_ids: list[int]  # tokens sampled in this step
+    text: str  # newly final text of the answer
+    finished: str | None = None  # "stop", "length" or "abort" on the request's last event
+    time: float = 0.0  # perf_counter when the event was made
+
+
+@dataclass
+class _State:
+    """A request inside the engine."""
+
+    id: int
+    config: GenerationConfig
+    batch: dict  # the processor's one-row batch (on the device)
+    length: int  # prompt tokens
+    row: RowText
+    generator: torch.Generator | None
+    history: torch.Tensor  # [1,N] sampled ids
+    notes: list[str] = field(default_factory=list)
+    slot: int = -1
+    used: int = 0  # cache positions written (prompt + fed tokens)
+    position: int = 0  # next position id to feed
+    added: float = 0.0
+    first_token: float | None = None
+    finished_at: float = 0.0  # time of its latest event (Pipeline's clock)
+
+
+class Engine:
+    """Continuous batching over a runtime that executes engine steps (see `StepInputs`).
+
+    Example:
+        >>> engine = Engine(pipe.runtime, pipe.processor, pipe.generation_config())
+        >>> rid = engine.add(Request("Describe this image.", "photo.jpg"))
+        >>> while engine.has_work():
+        ...     for ev in engine.step():
+        ...         print(ev.request_id, ev.text, ev.finished)
+    """
+
+    def __init__(self, runtime, processor, default_config: GenerationConfig, options: EngineOptions | None = None):
+        """Args:
+            runtime: a runtime with `allocate_slots` and `run_step` (vlmrt/runtimes/eager.py).
+            processor: the model's `Processor`.
+            default_config: settings of a request that brings none (with the model's stops).
+            options: the KV pool's size.
+        """
+        if not hasattr(runtime, "run_step"):
+            raise VlmrtError(f"the {runtime.name} runtime does not run engine steps yet; use --runtime eager")
+        self.runtime, self.processor, self.default_config = runtime, processor, default_config
+        self.options = o = options or EngineOptions()
+        m = runtime.model
+        self.max_seq = min(o.max_seq or m.max_context, m.max_context)
+        per_slot = slot_bytes(m.num_layers, m.num_kv_heads, self.max_seq, m.head_dim, runtime.dtype)
+        budget = default_kv_budget(runtime.device) if o.kv_cache_gib is None else int(o.kv_cache_gib * (1 << 30))
+        slots = slots_for_budget(budget, per_slot, o.max_slots)
+        if o.kv_cache_gib is None:
+            slots = max(slots, 1)  # the default budget never refuses a model outright: one request at a time
+        if slots < 1:
+            raise VlmrtError(f"a KV cache budget of {budget / (1 << 30):.3g} GiB holds no request of {self.max_seq} "
+                             f"positions ({per_slot / (1 << 30):.3g} GiB each); raise --kv-cache-gib or lower max_seq")
+        with torch.inference_mode():  # every tensor of a step is an inference tensor (compiled guards see one kind)
+            self.pool = runtime.allocate_slots(slots, self.max_seq)  # a runtime may hold fewer, or shorter, slots
+            self.num_slots, self.max_seq = self.pool.num_slots, self.pool.max_seq
+            self.mask = torch.zeros(self.num_slots, self.max_seq + 1, dtype=torch.long, device=runtime.device)  # [N,S+1]
+        self.byte_ids = byte_piece_ids(processor.tokenizer)
+        self.waiting: deque[_State] = deque()
+        self.running: dict[int, _State] = {}  # slot -> state
+        self.pending: list[Event] = []  # abort events for the next step
+        self._live: dict[int, _State] = {}  # id -> state, until it finishes
+        self.timers = {"vision_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+        self._ids = itertools.count()
+        if hasattr(runtime, "warmup"):
+            self._warm_up()
+
+    # ------------------------------------------------------------------ the public verbs
+    def add(self, request: Request) -> int:
+        """Queue a request; return its id. A prompt that does not fit the context is refused here
+        (VlmrtError); an answer that would not fit is cut, with a note (`notes(id)`)."""
+        cfg = request.config or self.default_config
+        if cfg.num_beams > 1:
+            raise VlmrtError("the engine does not run beam search; use generate() (vlmrt.beam) for num_beams > 1")
+        batch = self.processor([request.image], [request.prompt])
+        device = self.runtime.device
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+        length = batch["input_ids"].shape[1]
+        notes = self._fit(batch, length, cfg)
+        if notes:
+            cfg = replace(cfg, max_new_tokens=self.max_seq - length)
+        rid = next(self._ids)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.do_sample else None
+        row = RowText(self.processor.tokenizer, cfg, True, self.byte_ids)  # events carry text
+        s = _State(rid, cfg, batch, length, row, gen, torch.zeros(1, cfg.max_new_tokens, dtype=torch.long, device=device),
+                   notes, added=time.perf_counter())
+        self.waiting.append(s)
+        self._live[rid] = s
+        return rid
+
+    def step(self) -> list[Event]:
+        """Admit waiting requests (prefill), decode every running one by a token; return the events."""
+        events, self.pending = self.pending, []
+        self._admit(events)
+        if self.running:
+            self._decode(events)
+        return events
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request and free its slot now (its "abort" event comes with the next step). An
+        unknown or finished id is a no-op (False)."""
+        s = self._live.get(request_id)
+        if s is None:
+            return False
+        if s.slot < 0:
+            self.waiting.remove(s)
+        self._finish(s, "abort", self.pending)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.pending)
+
+    def notes(self, request_id: int) -> list[str]:
+        s = self._live.get(request_id)
+        return list(s.notes) if s else []
+
+    def run(self, requests: list[Request], on_event=None) -> list[_State]:
+        """Add `requests` and step until they are all finished; return their states in order (tokens
+        in `.row.tokens`, answer in `.row.text`, reason in `.row.finished`). For batch callers:
+        requests already in the engine keep running alongside."""
+        states = [self._live[self.add(r)] for r in requests]
+        mine = {s.id for s in states}
+        while any(s.row.finished is None for s in states):
+            for ev in self.step():
+                if on_event is not None and ev.request_id in mine:
+                    on_event(ev)
+        return states
+
+    def _warm_up(self) -> None:
+        """A compiled runtime builds every graph at start-up, none while serving: a probe request
+        (the bundled photo) compiles vision and prefill with the family's real input kinds, then
+        the runtime's warmup() the decode graph of every bucket."""
+        probe = Path(__file__).parent / "assets" / "astronaut.jpg"
+        self.run([Request("Describe this image.", probe, replace(self.default_config, max_new_tokens=2))])
+        with torch.inference_mode():
+            self.runtime.warmup()
+        self.timers = dict.fromkeys(self.timers, 0)
+
+    # ------------------------------------------------------------------ admission and prefill
+    def _fit(self, batch: dict, length: int, cfg: GenerationConfig) -> list[str]:
+        ctx = self.max_seq
+        if length >= ctx:
+            images = int((batch["input_ids"] == self.processor.spec.image_token_id).sum())  # slices included
+            raise VlmrtError(f"the prompt is {length} tokens ({images} of them image tokens) and the model's context "
+                             f"is {ctx}; shorten the prompt")
+        if length + cfg.max_new_tokens > ctx:
+            return [f"max_new_tokens cut from {cfg.max_new_tokens} to {ctx - length} to fit the context of {ctx}"]
+        return []
+
+    def _admit(self, events: list[Event]) -> None:
+        free = [r for r in range(self.num_slots) if r not in self.running]
+        while self.waiting and free:
+            s = self.waiting.popleft()
+            s.slot = free.pop(0)
+            self.running[s.slot] = s
+            try:
+                self._prefill(s, events)
+            except Exception:  # a failing stage fails this request only: its slot is freed, the engine lives on
+                self._finish(s, "error", events)
+                raise
+
+    @torch.inference_mode()
+    def _prefill(self, s: _State, events: list[Event]) -> None:
+        rt, batch, L = self.runtime, s.batch, s.length
+        t0 = time.perf_counter()
+        pixels = batch.get("pixel_values")
+        features = rt.encode_images(pixels, **vision_inputs(batch)) if pixels is not None else None
+        rt.synchronize()
+        t1 = time.perf_counter()
+        embeds, extras = split_embedded(rt.embed(batch["input_ids"], features))  # [1,L,D]
+        positions = prompt_positions(batch).to(self.mask.device).clone()  # [1,L] or [3,1,L]; an inference tensor
+        self.mask[s.slot].zero_()
+        self.mask[s.slot, :L] = 1
+        device = self.mask.device
+        step = StepInputs(s.slot, s.slot + 1, embeds, positions, torch.arange(L, device=device)[None],
+                          self.mask[s.slot:s.slot + 1], torch.tensor([L - 1], device=device), extras)
+        logits = rt.run_step(step)  # [1,V]
+        s.used, s.position = L, int(positions[..., -1].max()) + 1
+        token = sample_next_token(logits.to(device), s.history[:, :0], s.config, s.generator)
+        rt.synchronize()
+        t2 = time.perf_counter()
+        self.timers["vision_s"] += t1 - t0
+        self.timers["prefill_s"] += t2 - t1
+        s.first_token = t2
+        self._accept(s, [int(token[0])], events)
+
+    # ------------------------------------------------------------------ decode
+    @torch.inference_mode()
+    def _decode(self, events: list[Event]) -> None:
+        t0 = time.perf_counter()
+        rt, device = self.runtime, self.mask.device
+        n = max(self.running) + 1  # rows [0, n) of the pool; free ones among them are padding
+        tokens = torch.full((n,), self.processor.pad_token_id, dtype=torch.long)
+        positions = torch.zeros(n, 1, dtype=torch.long)
+        slots = torch.full((n, 1), self.max_seq, dtype=torch.long)  # padding rows: the scratch position
+        for r, s in self.running.items():
+            tokens[r], positions[r, 0], slots[r, 0] = s.row.tokens[-1], s.position, s.used
+        slots, positions = slots.to(device), positions.to(device)
+        rows = torch.tensor(sorted(self.running), device=device)
+        self.mask[rows, slots[rows, 0]] = 1  # open each running row's new position
+        embeds, _ = split_embedded(rt.embed(tokens[:, None].to(device), None))  # [n,1,D]
+        logits = rt.run_step(StepInputs(0, n, embeds, positions, slots, self.mask[:n], None, {}))  # [n,V]
+        picks = self._sample(logits.to(device))
+        rt.synchronize()
+        self.timers["decode_s"] += time.perf_counter() - t0
+        self.timers["decode_steps"] += 1
+        rows = list(self.running.items())
+        for _, s in rows:  # every row first: a finish below may move a row (compaction copies [:used])
+            s.used += 1
+            s.position += 1
+        for r, s in rows:
+            self._accept(s, [picks[r]], events)
+
+    def _sample(self, logits: torch.Tensor) -> dict[int, int]:
+        """logits [n,V] -> slot -> token. Greedy rows without a penalty share one argmax; every other
+        row samples alone with its own settings, history and generator."""
+        plain = [r for r, s in self.running.items() if not s.config.do_sample and s.config.repetition_penalty == 1.0]
+        picks = {}
+        if plain:
+            idx = torch.tensor(plain, device=logits.device)
+            picks = dict(zip(plain, logits.index_select(0, idx).float().argmax(-1).tolist()))
+        for r, s in self.running.items():
+            if r not in picks:
+                k = len(s.row.tokens)
+                picks[r] = int(sample_next_token(logits[r:r + 1], s.history[:, :k], s.config, s.generator)[0])
+        return picks
+
+    def _accept(self, s: _State, tokens: list[int], events: list[Event]) -> None:
+        """Push a sampled token: history, stops, max tokens; an event; free the slot on a finish."""
+        k = len(s.row.tokens)
+        s.history[0, k] = tokens[0]
+        text = s.row.push(tokens[0])
+        if s.row.finished is None and len(s.row.tokens) >= s.config.max_new_tokens:
+            text += s.row.finish("length")
+        events.append(Event(s.id, tokens, text, s.row.finished, time.perf_counter()))
+        if s.row.finished is not None:
+            self._free(s)
+
+    def _finish(self, s: _State, reason: str, events: list[Event]) -> None:
+        text = s.row.finish(reason)
+        events.append(Event(s.id, [], text, reason, time.perf_counter()))
+        self._free(s)
+
+    @torch.inference_mode()  # abort() comes from outside a step
+    def _free(self, s: _State) -> None:
+        if s.slot >= 0 and self.running.get(s.slot) is s:
+            del self.running[s.slot]
+            self.mask[s.slot].zero_()
+            self._compact(s.slot)
+        self._live.pop(s.id, None)
+
+    @torch.inference_mode()
+    def _compact(self, free: int) -> None:
+        """Keep the running rows at slots [0, n): the highest running row moves into the freed slot
+        (its written positions only, every layer), so a decode call never computes padding rows
+        left behind by requests that finished early."""
+        top = max(self.running, default=-1)
+        if top <= free:
+            return
+        s = self.running.pop(top)
+        used = s.used
+        for buf in self.pool.keys + self.pool.values:
+            buf[free, :, :used].copy_(buf[top, :, :used])  # [H_kv,used,hd]
+        self.mask[free].copy_(self.mask[top])
+        self.mask[top].zero_()
+        s.slot = free
+        self.running[free] = s
+
+
+@dataclass
+class StepInputs:
+    """One decoder call of the engine, for a runtime's `run_step` (the per-row convention shared
+    with exported graphs: every row its own write positions and position ids).
+
+    ```
+     rows          pool rows [start, stop) this call covers (n = stop - start)
+     inputs_embeds [n,T,D]
+     position_ids  [n,T] or [3,n,T] (M-RoPE)
+     cache_position [n,T]   slot index of each token within its row's cache row
+     attention_mask [n,S+1] valid key positions per row (the scratch position S never valid)
+     logits_at     [n] or [1]: the position whose logits come back (None: T == 1)
+     extras        named prefill inputs (SliMM's deepstack_embeds [K,n,T,D])
+    ```
+    """
+
+    start: int
+    stop: int
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    cache_position: torch.Tensor
+    attention_mask: torch.Tensor
+    logits_at: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)

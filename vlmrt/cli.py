@@ -160,37 +160,61 @@ def cmd_export(args) -> int:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from vlmrt.serve import ServeOptions
+
+    d = ServeOptions()
     _common_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests run as one batch (default 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others with the same settings to join its batch (default 5)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="most requests decoded together: the engine's KV slots (default 32; --kv-cache-gib may allow fewer)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"most requests waiting for a slot; more are answered 503 with Retry-After (default {d.max_queue})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help=f"seconds a request may take, queue included; then it stops with a 504 (default {d.request_timeout_s:g})")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help=f"seconds to receive a request body; a slow or short body gets a 408 (default {d.body_timeout_s:g})")
+    p.add_argument("--max-body-mib", type=float, default=d.max_body_mib, help=f"largest request body (default {d.max_body_mib:g})")
+    p.add_argument("--api-key", default=os.environ.get("VLMRT_API_KEY", ""),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $VLMRT_API_KEY; none: no auth)")
+    p.add_argument("--allowed-local-media-path", default="", metavar="DIR",
+                   help="images may be files under DIR (file:// URLs or paths); default: data: URLs only")
+    p.add_argument("--image-cache-mib", type=float, default=d.image_cache_mib,
+                   help=f"vision outputs kept for images asked again (default {d.image_cache_mib:g}; 0 = off)")
 
 
 def cmd_serve(args) -> int:
-    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (one image and one question
-    per request; "stream": true for Server-Sent Events), GET /v1/models, GET /health. Concurrent requests
-    with the same settings run as one batch. See docs/serve.md."""
-    from vlmrt.models import load_model
+    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (multi-turn chats, one image
+    per request or none; "stream": true for Server-Sent Events), GET /v1/models, GET /health,
+    GET /metrics. Requests run on the engine: they join and leave the running batch at any step, and a
+    client that disconnects frees its slot. Needs the serve extra. See docs/serve.md."""
     from vlmrt.engine import EngineOptions
+    from vlmrt.models import load_model
     from vlmrt.pipeline import Pipeline
-    from vlmrt.serve import CHAT_PATH, check_batching, make_server
+    from vlmrt.serve import CHAT_PATH, ServeOptions, make_server, require_serve_extra
 
-    check_batching(args.max_batch, args.batch_wait_ms)  # before a model load that may take minutes
+    require_serve_extra()
+    options = ServeOptions(max_queue=args.max_queue, max_body_mib=args.max_body_mib, body_timeout_s=args.body_timeout,
+                           request_timeout_s=args.request_timeout, api_key=args.api_key,
+                           allowed_local_media_path=args.allowed_local_media_path, image_cache_mib=args.image_cache_mib)
+    options.check()  # before a model load that may take minutes
+    if args.max_batch < 1:
+        raise VlmrtError(f"--max-batch must be at least 1, got {args.max_batch}")
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
-    options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
-    pipe = Pipeline(loaded, args.runtime, options, EngineOptions(kv_cache_gib=args.kv_cache_gib))
-    server = make_server(pipe, args.host, args.port, args.max_batch, args.batch_wait_ms)
+    runtime_options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None
+    pipe = Pipeline(loaded, args.runtime, runtime_options, EngineOptions(kv_cache_gib=args.kv_cache_gib))
+    server = make_server(pipe, args.host, args.port, options, args.max_batch)
     notes = "".join(f"; note: {n}" for n in _synthetic_note(loaded))
+    auth = "" if options.api_key else "; no API key: anyone who reaches the port may use it"
     print(f"vlmrt: serving {server.model_name} ({pipe.runtime.name}, {loaded.device}) at {server.url}/v1 "
-          f"(POST {CHAT_PATH}; Ctrl-C stops){notes}", file=sys.stderr, flush=True)
+          f"(POST {CHAT_PATH}; Ctrl-C stops){auth}{notes}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("vlmrt: server stopped", file=sys.stderr)
+        pass
     finally:
         server.server_close()
+    print("vlmrt: server stopped", file=sys.stderr)
     return 0
 
 
@@ -201,7 +225,7 @@ COMMANDS = {
     "eval": ("fidelity checks: runtime parity, CLIP score", add_eval_args, cmd_eval),
     "export": ("export a model to ONNX graphs plus a manifest", add_export_args, cmd_export),
     "bench": ("time runtimes per stage and batch size, against Hugging Face generate", add_bench_args, cmd_bench),
-    "serve": ("serve a model over HTTP: OpenAI-compatible chat completions, batched", add_serve_args, cmd_serve),
+    "serve": ("serve a model over HTTP: OpenAI-compatible chat completions on the engine", add_serve_args, cmd_serve),
 }
 
 

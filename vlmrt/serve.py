@@ -85,9 +85,14 @@ class ServeOptions:
 
 def require_serve_extra() -> None:
     """A clear error when the ASGI stack is missing."""
-    import importlib.util
+    import importlib
 
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in ("fastapi", "uvicorn", "prometheus_client"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise VlmrtError(f"vlmrt serve needs {', '.join(missing)}: pip install 'vlmrt[{EXTRA}]'")
 

@@ -25,6 +25,8 @@ import time
 import traceback
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from vlmrt.engine import Request
 from vlmrt.errors import VlmrtError
 
@@ -159,6 +161,10 @@ class EngineLoop(threading.Thread):
 
     # ---- engine thread ----
     def run(self) -> None:
+        with torch.inference_mode():  # the engine's tensors (KV pool, masks) are inference tensors
+            self._run()
+
+    def _run(self) -> None:
         while True:
             if not self._commands(block=not self.engine.has_work()):
                 break
@@ -180,7 +186,11 @@ class EngineLoop(threading.Thread):
             if cmd is _STOP:
                 return False
             kind, job = cmd
-            self._add(job) if kind == "add" else self._abort(job)
+            try:
+                self._add(job) if kind == "add" else self._abort(job)
+            except Exception as e:  # a bug: this request fails, the loop goes on
+                if kind == "add" and not job.done:
+                    self._fail(job, http_error(e))
             try:
                 cmd = self.inbox.get_nowait()
             except queue.Empty:

@@ -91,9 +91,9 @@ def _theirs(ref, loaded, batch, eos=None, **kw):
 # here), so penalty cases use prompts without padding; vlmrt penalises every generated token.
 CASES = {  # name -> (prompts, settings, the eos: (row, index) of a token in the answer without one)
     "padded": (PADDED, {}, (0, 2)),
-    "penalty": (EVEN, {"repetition_penalty": 1.2}, (0, 3)),
+    "penalty": (EVEN, {"repetition_penalty": 1.2}, (0, 2)),
     "early-stopping": (EVEN, {"repetition_penalty": 1.2, "early_stopping": True}, (0, 3)),
-    "length-penalty": (PADDED, {"length_penalty": 0.5}, (0, 10)),
+    "length-penalty": (PADDED, {"length_penalty": 0.5}, (0, 9)),
 }
 
 
@@ -232,7 +232,7 @@ def test_a_stop_string_ends_hypotheses_as_its_token_does(sharp, photo):
     loaded, _ = sharp
     batch = _batch(loaded, photo, PADDED)
     free = _ours(EagerRuntime(loaded), loaded, batch, repetition_penalty=1.2)
-    token = free.token_ids[0][9]
+    token = free.token_ids[0][3]
     text = loaded.tokenizer.convert_ids_to_tokens(token).replace("\u2581", " ")  # " batcea"
     by_id = _ours(EagerRuntime(loaded), loaded, batch, token, repetition_penalty=1.2)
     by_text = _ours(EagerRuntime(loaded), loaded, batch, stop_strings=(text,), repetition_penalty=1.2)

@@ -8,7 +8,7 @@ compiles few shapes: batch 1 and 3 share batch bucket 4 and one prompt bucket.
 import pytest
 import torch
 
-from conftest import load_tiny
+from conftest import assert_runtime_parity, load_tiny
 from families import FAMILY_TESTS
 from vlmrt.cli import main
 from vlmrt.errors import VlmrtError
@@ -40,10 +40,22 @@ def test_compiled_graphs_match_eager_per_family(traced, photo, rows):
     assert _answers(compiled, photo, rows) == _answers(eager, photo, rows)
 
 
+def test_compiled_graphs_match_eager_tensor_by_tensor(traced):
+    """Features, embeddings, prefill logits, the cache after prefill and 8 decode steps' logits, on
+    3 rows of different lengths, within fp32 tolerances (vlmrt/eval/tensor_parity.py)."""
+    eager, compiled = traced
+    assert_runtime_parity(eager.loaded, compiled.runtime, steps=8)
+
+
 @pytest.fixture(scope="module")
 def inductor():
     loaded = load_tiny("minigpt4-tiny")
     return Pipeline(loaded, "eager"), Pipeline(loaded, "compiled", {**ONE_BUCKET, "compile_vision": False})
+
+
+def test_inductor_matches_eager_tensor_by_tensor(inductor):
+    eager, compiled = inductor
+    assert_runtime_parity(eager.loaded, compiled.runtime, steps=8)
 
 
 @pytest.mark.parametrize("rows", [1, 3])

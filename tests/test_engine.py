@@ -170,3 +170,26 @@ def test_stop_strings_and_stop_tokens_are_per_request(photo):
     assert a.row.finished == "stop" and a.row.tokens == free[:free.index(free[4]) + 1]
     assert b.row.tokens == free and b.row.finished == "length"
     assert torch.equal(engine.mask, torch.zeros_like(engine.mask))  # every slot freed
+
+
+def test_serve_bench_runs_the_same_load_on_both_paths(tmp_path):
+    from vlmrt.bench_serve import ServeBenchConfig, format_serve, run_serve_bench
+
+    cfg = ServeBenchConfig("minigpt4-tiny", str(tmp_path), requests=4, concurrency=2, answers=(3, 5), probe=False)
+    result = run_serve_bench(cfg)
+    assert result["engine"]["requests"] == result["one_at_a_time"]["requests"] == 4
+    assert result["engine"]["tokens"] == result["one_at_a_time"]["tokens"] >= 12  # exact lengths, stops off
+    assert result["engine"]["ttft_ms"]["p99"] >= result["engine"]["ttft_ms"]["p50"] > 0
+    assert "tok/s" in format_serve(result) and (tmp_path / "serve.json").is_file()
+    with pytest.raises(VlmrtError, match="concurrency"):
+        run_serve_bench(ServeBenchConfig("minigpt4-tiny", requests=2, concurrency=0))
+
+
+def test_cli_kv_cache_budget_too_small_is_one_clear_line(capsys, photo):
+    from vlmrt.cli import main
+
+    rc = main(["run", "--model", "minigpt4-tiny", "--image", str(photo), "--prompt", "Hi", "--kv-cache-gib", "1e-9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "raise --kv-cache-gib" in err[0]
+    assert main(["run", "--model", "minigpt4-tiny", "--image", str(photo), "--prompt", "Hi", "--max-new-tokens", "3",
+                 "--kv-cache-gib", "0.01"]) == 0

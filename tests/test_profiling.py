@@ -9,7 +9,7 @@ import torch
 from conftest import load_tiny
 from vlmrt.cli import main
 from vlmrt.errors import VlmrtError
-from vlmrt.profiling import format_profile, profile_generation
+from vlmrt.profiling import TOP_OPS, format_profile, profile_generation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +37,9 @@ def test_per_step_figures_come_from_the_difference_of_two_passes(tmp_path):
     assert p["gap_ms"] == pytest.approx(max(p["wall_ms"] - p["busy_ms"], 0.0))
     ops = {o["op"]: o for o in p["top_ops"]}
     assert ops["aten::mm"]["calls"] == 3 + 15  # the traced pass: 16 tokens
-    assert abs(sum(o["share"] for o in p["top_ops"]) - 1) < 0.05 or len(p["top_ops"]) == 8
+    shares = [o["share"] for o in p["top_ops"]]
+    assert 0 < len(shares) <= TOP_OPS and shares == sorted(shares, reverse=True)
+    assert 0.9 < sum(shares) <= 1 + 1e-9  # all matmul here: the few ops listed hold nearly all the busy time
     trace = json.loads((tmp_path / "trace.json").read_text())
     assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
 

@@ -383,10 +383,10 @@ def test_the_command_prints_its_url_answers_and_stops_on_ctrl_c():
         banner = proc.stderr.readline()
         url = re.search(r"http://127\.0\.0\.1:\d+", banner)
         assert url and "synthetic weights" in banner and "meaningless" in banner, banner
-        with urllib.request.urlopen(url.group() + "/health", timeout=30) as r:
+        with urllib.request.urlopen(url.group() + "/health", timeout=120) as r:  # generous: CI machines are shared
             assert json.loads(r.read())["status"] == "ok"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=120) == 0  # not -6: handler threads are joined before the interpreter exits
         assert "server stopped" in proc.stderr.read()
     finally:
         if proc.poll() is None:

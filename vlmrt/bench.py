@@ -548,10 +548,19 @@ def add_bench_args(p) -> None:
                    help="profile one more pass per runtime and batch: device vs host time per decode step, "
                         "syncs, top ops, a Chrome trace per row (docs/bench.md)")
     p.add_argument("--out", required=True, help="folder for results.json, results.csv, results.png")
+    p.add_argument("--scenario", default="batch", choices=["batch", "serve"],
+                   help="batch (default): the per-batch-size table; serve: load on the engine vs one request at a "
+                        "time (vlmrt/bench_serve.py, writes serve.json)")
+    p.add_argument("--requests", type=int, default=64, help="serve: requests in the load (default 64)")
+    p.add_argument("--concurrency", type=int, default=32, help="serve: clients sending requests (default 32)")
+    p.add_argument("--rate", type=float, default=None, help="serve: Poisson arrivals per second instead of clients")
 
 
 def cmd_bench(args) -> int:
-    """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size."""
+    """Time runtimes (and Hugging Face generate on the same weights) per stage and batch size; or, with
+    --scenario serve, a load on the engine against one request at a time."""
+    if args.scenario == "serve":
+        return _cmd_serve_bench(args)
     cfg = BenchConfig(
         model=args.model, out=args.out, runtimes=tuple(x.strip() for x in args.runtime.split(",") if x.strip()),
         batches=_int_list(args.batch), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
@@ -566,4 +575,17 @@ def cmd_bench(args) -> int:
         from vlmrt.profiling import format_profile
 
         print("\nper decode step (profiled pass):\n" + format_profile(result["rows"]))
+    return 0
+
+
+def _cmd_serve_bench(args) -> int:
+    from vlmrt.bench_serve import ServeBenchConfig, format_serve, run_serve_bench
+
+    runtimes = [x.strip() for x in args.runtime.split(",") if x.strip()]
+    runtime = "eager" if args.runtime == "eager,compiled,hf" else runtimes[0]  # the default list: eager
+    if len(runtimes) > 1 and args.runtime != "eager,compiled,hf":
+        raise VlmrtError("--scenario serve runs one runtime; give one --runtime (eager or compiled)")
+    cfg = ServeBenchConfig(model=args.model, out=args.out, requests=args.requests, concurrency=args.concurrency,
+                           rate=args.rate, runtime=runtime, dtype=args.dtype, device=args.device, seed=args.seed)
+    print(format_serve(run_serve_bench(cfg)))
     return 0

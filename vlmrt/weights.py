@@ -2,9 +2,26 @@
 checkpoint files (.pth, .bin, safetensors, sharded Hugging Face folders).
 
 Synthetic weights are drawn per parameter from a generator seeded with (seed, parameter name), so
-a model is the same on every run and does not depend on construction order. Values: normal(0, 0.02)
-for matrices and embeddings, 1 + normal(0, 0.02) for norm scales, normal(0, 0.02) for biases. The
-text a model with synthetic weights writes is meaningless; its timings and runtime parity are real.
+a model is the same on every run and does not depend on construction order. Values (LeCun normal,
+the fan-in scaling nn.Linear's own init and most LLM recipes follow):
+
+| parameter | value |
+|---|---|
+| a matrix or kernel (Linear, Conv, packed in_proj, ...) [out, in, ...] | normal(0, 1/sqrt(in x kernel)) |
+| an embedding table or any other >= 2-D tensor (positions, queries, CLS) [..., D] | normal(0, 1/sqrt(D)) |
+| the decoder's attention `q_proj` / `k_proj` | twice the matrix value (see below) |
+| a norm scale | 1 + normal(0, 0.02) |
+| a bias or other vector | normal(0, 0.02) |
+
+At real widths this is what a freshly initialised model looks like (1/sqrt(4096) = 0.016); at tiny
+widths (D = 32: 0.18) it keeps unit-scale activations through every layer, so logits have real
+spread and the answer depends on everything that reaches the decoder: the image, each position, each
+cache slot, the mask. A fixed std of 0.02 gave tiny models nearly flat logits whose greedy tokens
+ignored all of that, so tests could not see bugs there. Query and key projections get a gain of 2
+(attention logits of std ~4 instead of ~1): at unit scale attention is almost uniform over a
+prompt's ~60 slots, and one masked slot hardly moved the answer; trained models attend far more
+sharply. The text a model with synthetic weights writes is meaningless; its timings and runtime
+parity are real.
 """
 
 from __future__ import annotations
@@ -26,20 +43,36 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")
 
 
+_KERNELS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_GAINS = {"q_proj": 2.0, "k_proj": 2.0}  # module name -> gain on its matrix (sharper attention)
+
+
+def synthetic_std(module_name: str, module: nn.Module, name: str, p: torch.Tensor, std: float) -> float:
+    """The std of parameter `name` of `module` (see the module docstring); `std` for vectors."""
+    if p.dim() < 2:
+        return std
+    if isinstance(module, _KERNELS) or name.endswith("weight"):  # [out, in, *kernel]: fan-in scaled
+        gain = _GAINS.get(module_name.rpartition(".")[2], 1.0)
+        return gain * (p.numel() // p.shape[0]) ** -0.5
+    return p.shape[-1] ** -0.5  # an embedding table, position table or learned queries [..., D]
+
+
 @torch.no_grad()
 def init_synthetic(model: nn.Module, seed: int, std: float = 0.02) -> None:
-    """Fill every parameter of `model` in place, deterministically from `seed`."""
+    """Fill every parameter of `model` in place, deterministically from `seed` (see the module
+    docstring for the values; `std` is that of vectors: biases and norm offsets)."""
     for mod_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{name}" if mod_name else name
             g = torch.Generator(device=p.device).manual_seed((seed * 1_000_003 + zlib.crc32(full.encode())) % 2**63)
-            p.normal_(0.0, std, generator=g)
+            p.normal_(0.0, std if is_norm(module) else synthetic_std(mod_name, module, name, p, std), generator=g)
             if is_norm(module) and name == "weight":
                 p.add_(1.0)
 
 
 def build_on(device: torch.device, dtype: torch.dtype, factory):
-    """Construct `factory()` without allocating on the CPU first, then move it to (device, dtype).
+    """Construct `factory()` without allocating on the CPU first, then allocate it on `device`
+    directly in `dtype` (cast while still on the meta device: a 7B fp16 model never exists in fp32).
 
     Tied parameters (e.g. lm_head.weight = embed_tokens.weight) stay tied: `to_empty` gives each
     module its own new tensor, so the aliases are restored afterwards.
@@ -53,7 +86,7 @@ def build_on(device: torch.device, dtype: torch.dtype, factory):
             aliases[name] = first[id(p)]
         else:
             first[id(p)] = name
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)
     for name, target in aliases.items():
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(target))

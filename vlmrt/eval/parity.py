@@ -16,8 +16,11 @@ Per image and runtime (N = new tokens, decoding greedy with stop tokens off, so 
   runtime that diverged would be compared on different histories).
 - `stages`: each stage's own output error, the stage fed the reference's inputs: `vision`
   (image_features from the same pixel_values), `embedding` (inputs_embeds from the same ids and
-  the reference's image features), `prefill_logits` (the last position's logits [1,V] from the reference's embeddings).
+  the reference's image features), `prefill_logits` (the last position's logits [1,V] from the
+  reference's embeddings), `kv_prefill` (the cache after that prefill, valid slots) and
+  `decode_logits` (the worst decode step).
 
+All of these come from one helper, `vlmrt.eval.tensor_parity` (the runtime tests use it too).
 Errors are reported as max_abs, mean_abs and rel (max_abs / max |reference|), in fp32.
 """
 
@@ -25,12 +28,10 @@ from __future__ import annotations
 
 import os
 import sys
-import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.eval.images import list_images
-from vlmrt.generate import forced_logits as generate_forced_logits
-from vlmrt.generate import generate, prompt_positions, split_embedded, vision_inputs
+from vlmrt.eval.tensor_parity import Reference
 
 DEFAULT_PROMPT = "Describe this image."
 
@@ -51,47 +52,6 @@ def build_runtimes(loaded, names: list[str]) -> dict[str, object]:
     return runtimes
 
 
-def tensor_error(ref, other) -> dict:
-    """max_abs, mean_abs and rel (max_abs over the reference's max magnitude) between two tensors,
-    or between two dicts of named tensors (the worst entry counts)."""
-    if isinstance(ref, dict):
-        errs = [tensor_error(ref[k], other[k]) for k in ref if torch.is_tensor(ref[k])]
-        return max(errs, key=lambda e: e["max_abs"])
-    a, b = ref.detach().float().cpu(), torch.as_tensor(other).detach().float().cpu()
-    if a.dim() == 3 and b.dim() == 3 and a.shape[1] != b.shape[1]:  # a decoder may return only the last position
-        k = min(a.shape[1], b.shape[1])
-        a, b = a[:, -k:], b[:, -k:]
-    if a.shape != b.shape:
-        raise VlmrtError(f"output shapes differ: reference {tuple(a.shape)}, other {tuple(b.shape)}")
-    d = (a - b).abs()
-    scale = a.abs().max().item() or 1.0
-    return {"max_abs": d.max().item(), "mean_abs": d.mean().item(), "rel": d.max().item() / scale}
-
-
-def stage_outputs(runtime, batch: dict, steps: int, ref: dict | None = None) -> dict:
-    """Each stage's output on `runtime`; with `ref` (the reference's outputs), each stage gets the
-    reference's inputs, so the error measured is that stage's own."""
-    features = runtime.encode_images(batch["pixel_values"], **vision_inputs(batch))
-    embedded = runtime.embed(batch["input_ids"], ref["vision"] if ref else features)
-    inputs_embeds, extras = split_embedded(ref["embedding"] if ref else embedded)
-    b, t = batch["input_ids"].shape
-    runtime.start(b, t + steps)
-    mask = torch.zeros(b, t + steps, dtype=torch.long)
-    mask[:, :t] = batch["attention_mask"]
-    logits = runtime.decode(inputs_embeds, prompt_positions(batch), mask, torch.arange(t), **extras)
-    runtime.synchronize()
-    return {"vision": features, "embedding": embedded, "prefill_logits": logits}
-
-
-def forced_logits(runtime, batch: dict, tokens: list[int]) -> torch.Tensor:
-    """Logits [N,V] (fp32, CPU) of a single-row batch at each of N steps, feeding `tokens` (the
-    reference's) instead of the runtime's own picks: step 0 is the prefill's last position, step i
-    follows tokens[:i] (`vlmrt.generate.forced_logits`, with `generate`'s slot and position bookkeeping)."""
-    out = [logits.float().cpu() for logits in generate_forced_logits(runtime, batch, torch.tensor([tokens]))]
-    runtime.synchronize()
-    return torch.cat(out)  # [N,V]
-
-
 def token_agreement(ref: list[int], other: list[int]) -> tuple[float, int | None]:
     """(fraction of positions with equal tokens over the longer length, first differing index or None)."""
     n = max(len(ref), len(other))
@@ -103,32 +63,26 @@ def token_agreement(ref: list[int], other: list[int]) -> tuple[float, int | None
 
 
 def compare_image(loaded, processor, runtimes: dict, image, prompt: str, new_tokens: int) -> dict:
-    """The per-image report: reference tokens, then agreement, logit and stage errors per runtime."""
-    from vlmrt.config import GenerationConfig
-
+    """The per-image report: reference tokens, then agreement, logit and stage errors per runtime,
+    all from one `vlmrt.eval.tensor_parity.Reference` (stages fed the reference's inputs, N steps
+    teacher-forced on its tokens, free-running greedy tokens)."""
     batch = processor([image], [prompt])
-
-    cfg = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=processor.pad_token_id)  # greedy, no stops
     names = list(runtimes)
-    ref_rt = runtimes[names[0]]
-    ref_tokens = generate(ref_rt, batch, cfg, loaded.tokenizer).token_ids[0]
-    ref_logits = forced_logits(ref_rt, batch, ref_tokens)
-    ref_stages = stage_outputs(ref_rt, batch, new_tokens)
-    report = {"reference_tokens": ref_tokens, "runtimes": {}}
+    ref = Reference(runtimes[names[0]], batch, loaded.tokenizer, steps=new_tokens, token_steps=new_tokens)
+    report = {"reference_tokens": ref.token_ids[0], "runtimes": {}}
     for name in names[1:]:
-        rt = runtimes[name]
-        tokens = generate(rt, batch, cfg, loaded.tokenizer).token_ids[0]
-        agreement, first = token_agreement(ref_tokens, tokens)
-        logits = forced_logits(rt, batch, ref_tokens)
-        d = (ref_logits - logits).abs()  # [N,V]
-        stages = stage_outputs(rt, batch, new_tokens, ref=ref_stages)
+        result = ref.compare(runtimes[name])
+        tokens = result.tokens[0]
+        agreement, first = token_agreement(ref.token_ids[0], tokens)
+        steps = [result.by_name["prefill_logits"]] + [result.by_name[f"decode_step_{i}"] for i in range(1, new_tokens)]
         report["runtimes"][name] = {
             "tokens": tokens,
             "agreement": agreement,
             "first_divergence": first,
-            "logits": {"max_abs": d.max().item(), "mean_abs": d.mean().item(),
-                       "per_step_max_abs": d.amax(dim=-1).tolist()},
-            "stages": {k: tensor_error(ref_stages[k], stages[k]) for k in ref_stages},
+            "logits": {"max_abs": max(c.max_abs for c in steps), "mean_abs": sum(c.mean_abs for c in steps) / len(steps),
+                       "per_step_max_abs": [c.max_abs for c in steps]},
+            "stages": result.stage_errors(),
+            "tensor_parity_ok": result.ok,
         }
     return report
 
@@ -222,20 +176,21 @@ def _g(x: float) -> str:
 
 def markdown(report: dict) -> str:
     """The report as two markdown tables: per image, then overall."""
+    stages = ("vision", "embedding", "prefill_logits", "kv_prefill", "decode_logits")
     head = ("| image | runtime | agreement | first divergence | logits max | logits mean "
-            "| vision max | embedding max | prefill max |")
+            "| vision max | embedding max | prefill max | kv max | decode max |")
     lines = [f"Parity vs `{report['reference']}` on {report['model']}, {report['new_tokens']} greedy tokens per image",
-             "", head, "|" + "---|" * 9]
+             "", head, "|" + "---|" * 11]
     for im in report["images"]:
         if "error" in im:
-            lines.append(f"| {im['image']} | (unreadable) | | | | | | | |")
+            lines.append(f"| {im['image']} | (unreadable) |" + " |" * 9)
             continue
         for name, r in im["runtimes"].items():
             s = r["stages"]
             div = "-" if r["first_divergence"] is None else str(r["first_divergence"])
+            errs = " | ".join(_g(s[k]["max_abs"]) if k in s else "-" for k in stages)
             lines.append(f"| {im['image']} | {name} | {r['agreement']:.3f} | {div} | {_g(r['logits']['max_abs'])} "
-                         f"| {_g(r['logits']['mean_abs'])} | {_g(s['vision']['max_abs'])} "
-                         f"| {_g(s['embedding']['max_abs'])} | {_g(s['prefill_logits']['max_abs'])} |")
+                         f"| {_g(r['logits']['mean_abs'])} | {errs} |")
     lines += ["", "| runtime | agreement | identical images | earliest divergence | logits max | logits mean |",
               "|" + "---|" * 6]
     for name, o in report["overall"].items():

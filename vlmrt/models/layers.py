@@ -168,7 +168,10 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.update(self.layer_idx, k, v, cache_position)  # [B,H_kv,S,hd]
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # grouped-query attention: repeat each kv head for its query heads
+        if groups > 1 and not torch.onnx.is_in_onnx_export():  # grouped-query attention in SDPA: no copies
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B,H,T,hd]
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if groups > 1:  # ONNX export: repeat each kv head for its query heads (opsets have no GQA attention)
             s = keys.shape[2]
             keys = keys[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
             values = values[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)

@@ -1,7 +1,9 @@
 """Runtimes execute the three stages; the generation loop (vlmrt/generate.py) drives them.
 
 A runtime offers `encode_images`, `embed`, `start(batch, max_seq)`, `decode(...)` and
-`synchronize()` (see `generate.StageRunner`). Runtimes are looked up in a table and imported lazily,
+`synchronize()` (see `generate.StageRunner`), for the lock-step loop; a runtime that executes engine
+steps (vlmrt/engine.py) adds `allocate_slots(num_slots, max_seq)` and `run_step(StepInputs)`, and a
+compiled one `warmup()`. Runtimes are looked up in a table and imported lazily,
 so the library imports without optional packages (onnxruntime) or a GPU.
 """
 

@@ -216,6 +216,10 @@ class CompiledRuntime:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache storage of `layer`, each [B_max,H_kv,S_max,hd] (for parity checks)."""
+        return self.storage.keys[layer], self.storage.values[layer]
+
     @torch.inference_mode()
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: cache row i becomes a copy of row rows[i] (rows [n]), over this request's

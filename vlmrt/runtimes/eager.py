@@ -69,6 +69,10 @@ class EagerRuntime:
         """Beam search: cache row i becomes a copy of row rows[i] (rows [n] on any device), in place."""
         self.cache.reorder(rows.to(self.device))
 
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache buffers of `layer`, each [B_max,H_kv,S_max,hd] (for parity checks)."""
+        return self.cache.keys[layer], self.cache.values[layer]
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -368,6 +368,16 @@ def test_health_and_models(server):
     assert status == 200 and json.loads(data)["id"] == "minigpt4-tiny"
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"body_timeout_s": 0}, "--body-timeout must be above 0"),
+    ({"max_queue": -1}, "--max-queue"),
+    ({"allowed_local_media_path": "/no/such/folder"}, "is not a folder"),
+])
+def test_bad_server_options_are_refused_before_listening(pipe, options, message):
+    with pytest.raises(VlmrtError, match=message):
+        make_server(pipe, "127.0.0.1", 0, ServeOptions(**options))
+
+
 def test_without_the_serve_extra_the_error_names_it(monkeypatch):
     from vlmrt.serve import require_serve_extra
 

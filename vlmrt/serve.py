@@ -72,10 +72,10 @@ class ServeOptions:
     quiet: bool = False
 
     def check(self) -> None:
-        for name in ("max_body_mib", "body_timeout_s", "request_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise VlmrtError(f"--{name.replace('_', '-')[:-2] if name.endswith('_s') else name.replace('_', '-')} "
-                                 f"must be above 0, got {getattr(self, name)}")
+        for flag, value in (("--max-body-mib", self.max_body_mib), ("--body-timeout", self.body_timeout_s),
+                            ("--request-timeout", self.request_timeout_s)):
+            if value <= 0:
+                raise VlmrtError(f"{flag} must be above 0, got {value:g}")
         if self.max_queue < 0 or self.image_cache_mib < 0:
             raise VlmrtError("--max-queue and --image-cache-mib must be 0 or more")
         media = self.allowed_local_media_path

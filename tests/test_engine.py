@@ -58,6 +58,7 @@ def _drain(engine: Engine) -> dict[int, list]:
     while engine.has_work():
         for ev in engine.step():
             seen.setdefault(ev.request_id, []).append(ev)
+        assert sorted(engine.running) == list(range(len(engine.running)))  # compacted: rows [0, n)
     return seen
 
 

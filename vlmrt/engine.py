@@ -18,14 +18,16 @@ per running request (vlmrt/kv_cache.py `SlotKVCache`).
 
  KV pool (SlotKVCache): row r = the request in slot r        mask [N_slots, S+1] (on the device)
    row 0 │ req 7: 0..L7+k7 valid ........ │ scratch │        1 = a valid key position of that row
-   row 1 │ free  (all zero)               │ scratch │        a free row is padding in a step:
-   row 2 │ req 9: 0..L9+k9 valid ...      │ scratch │        cache_position = S (scratch), mask 0
+   row 1 │ req 9: 0..L9+k9 valid ...      │ scratch │        a row that finishes is refilled by the
+   row 2 │ free  (all zero)               │ scratch │        highest running row (compaction)
 ```
 
 Decisions:
-- A fixed slot of `max_seq` positions per request, the lowest free slot first, so a decode call
-  covers the rows [0, n) as one view of the pool: writes are in place, nothing is gathered. Free
-  rows inside the range run as padding and write only to their scratch position.
+- A fixed slot of `max_seq` positions per request, the lowest free slot first; when a request
+  finishes, the highest running row moves into its slot (its written positions only). So the running
+  rows are always the slots [0, n) and a decode call covers them as one view of the pool: writes
+  are in place, nothing is gathered, no padding row is computed (a compiled runtime pads n up to
+  its bucket; those rows write only to their scratch position).
 - Each new request is prefilled alone ([1,L], no padding), so its prefill never depends on its
   neighbours; decode rows never mix (attention and every matmul are per row), and the sampler of a
   row uses that row's logits, history and generator only. Hence the invariant the tests check: a
@@ -285,9 +287,11 @@ class Engine:
         rt.synchronize()
         self.timers["decode_s"] += time.perf_counter() - t0
         self.timers["decode_steps"] += 1
-        for r, s in list(self.running.items()):
+        rows = list(self.running.items())
+        for _, s in rows:  # every row first: a finish below may move a row (compaction copies [:used])
             s.used += 1
             s.position += 1
+        for r, s in rows:
             self._accept(s, [picks[r]], events)
 
     def _sample(self, logits: torch.Tensor) -> dict[int, int]:
@@ -320,11 +324,30 @@ class Engine:
         events.append(Event(s.id, [], text, reason, time.perf_counter()))
         self._free(s)
 
+    @torch.inference_mode()  # abort() comes from outside a step
     def _free(self, s: _State) -> None:
         if s.slot >= 0 and self.running.get(s.slot) is s:
             del self.running[s.slot]
             self.mask[s.slot].zero_()
+            self._compact(s.slot)
         self._live.pop(s.id, None)
+
+    @torch.inference_mode()
+    def _compact(self, free: int) -> None:
+        """Keep the running rows at slots [0, n): the highest running row moves into the freed slot
+        (its written positions only, every layer), so a decode call never computes padding rows
+        left behind by requests that finished early."""
+        top = max(self.running, default=-1)
+        if top <= free:
+            return
+        s = self.running.pop(top)
+        used = s.used
+        for buf in self.pool.keys + self.pool.values:
+            buf[free, :, :used].copy_(buf[top, :, :used])  # [H_kv,used,hd]
+        self.mask[free].copy_(self.mask[top])
+        self.mask[top].zero_()
+        s.slot = free
+        self.running[free] = s
 
 
 @dataclass

@@ -18,6 +18,16 @@ before capture, one memory pool shared by graphs that never run at the same time
                 ─► logits [Bb,1,V] ─► [:b]
 ```
 
+Engine steps (vlmrt/engine.py), beside the lock-step path above:
+
+```
+ allocate_slots  SlotKVCache [N <= max_batch, H_kv, S+1, hd] per layer; decode buckets = batch buckets <= N
+ warmup()        (after the engine's probe request compiled vision + prefill) one decode graph per bucket
+ prefill         embeds [1,L,D] ─► one graph for every L (dynamic length) ─► writes its row in place
+ decode          rows [0,n) ─► static buffers of bucket Bb >= n (rows n..Bb-1: zero mask, scratch slot)
+                 ─► the Bb graph (CUDA graph on GPU) ─► in-place index_put_ into the pool ─► logits [n,V]
+```
+
 Why the padding is harmless:
 - Rows b..Bb-1 are zeros with an all-zero attention mask; a query always sees its own slot, so they
   stay finite, and rows never mix (attention and every matmul are per row). Their output is dropped.

@@ -24,6 +24,7 @@ from vlmrt.pipeline import Pipeline
 FAMILIES = sorted(FAMILY_TESTS)
 PROMPTS = PARITY_PROMPTS
 images = parity_images
+RTOL, ATOL = 1e-4, 1e-5  # fp32
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -104,6 +104,7 @@ class _State:
     position: int = 0  # next position id to feed
     added: float = 0.0
     first_token: float | None = None
+    finished_at: float = 0.0  # time of its latest event (Pipeline's clock)
 
 
 class Engine:
@@ -240,7 +241,11 @@ class Engine:
             s = self.waiting.popleft()
             s.slot = free.pop(0)
             self.running[s.slot] = s
-            self._prefill(s, events)
+            try:
+                self._prefill(s, events)
+            except Exception:  # a failing stage fails this request only: its slot is freed, the engine lives on
+                self._finish(s, "error", events)
+                raise
 
     @torch.inference_mode()
     def _prefill(self, s: _State, events: list[Event]) -> None:

@@ -136,14 +136,24 @@ class Pipeline:
         states = [engine._live[rid] for rid in ids]
         row_of = {rid: i for i, rid in enumerate(ids)}
         start = time.perf_counter()
-        end = start
+        try:
+            self._drain(engine, states, row_of, on_text)
+        except BaseException:
+            for rid in ids:  # nothing of this call stays in the engine
+                engine.abort(rid)
+            engine.pending = [ev for ev in engine.pending if ev.request_id not in row_of]
+            raise
+        end = max((s.finished_at for s in states), default=start)
+        return _engine_result(states, engine.timers, before, (start - t0) * 1e3, start, end)
+
+    @staticmethod
+    def _drain(engine, states, row_of, on_text) -> None:
         while any(s.row.finished is None for s in states):
             for ev in engine.step():
                 if ev.request_id in row_of:
-                    end = ev.time
+                    states[row_of[ev.request_id]].finished_at = ev.time
                     if ev.text and on_text:
                         on_text(row_of[ev.request_id], ev.text)
-        return _engine_result(states, engine.timers, before, (start - t0) * 1e3, start, end)
 
 
 def _engine_result(states, timers: dict, before: dict, preprocess_ms: float, start: float, end: float) -> Result:

@@ -250,6 +250,9 @@ class EngineLoop(threading.Thread):
         m.finished.labels(ev.finished).inc()
         if ev.finished == "abort":
             job.emit("error", HttpError(499, "the request was cancelled", "cancelled"))
+        elif ev.finished == "error":  # a stage failed for this request (the engine logged nothing)
+            job.emit("error", HttpError(500, "internal error while running this request; the server is still up",
+                                        "server_error"))
         else:
             job.emit("done", self._answer(job, ev.finished, job.notes))
         self._release(job)

@@ -192,6 +192,9 @@ def cmd_export(args) -> int:
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from vlmrt.serve_options import ServeOptions
+
+    d = ServeOptions()
     model_args(p)
     runtime_args(p)
     weight_args(p)
@@ -199,38 +202,58 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    g.add_argument("--max-batch", type=positive_int, default=8, help="most requests run as one batch (default 8)")
-    g.add_argument("--batch-wait-ms", type=in_range(0.0), default=5.0,
-                   help="how long a request waits for others with the same settings to join its batch (default 5)")
+    g.add_argument("--max-batch", type=positive_int, default=32,
+                   help="most requests decoded together: the engine's KV slots (default 32; --kv-cache-gib may allow fewer)")
+    g.add_argument("--max-queue", type=non_negative_int, default=d.max_queue,
+                   help=f"most requests waiting for a slot; more are answered 503 with Retry-After (default {d.max_queue})")
+    g.add_argument("--request-timeout", type=in_range(0.0, low_open=True), default=d.request_timeout_s,
+                   help=f"seconds a request may take, queue included; then it stops with a 504 (default {d.request_timeout_s:g})")
+    g.add_argument("--body-timeout", type=in_range(0.0, low_open=True), default=d.body_timeout_s,
+                   help=f"seconds to receive a request body; a slow or short body gets a 408 (default {d.body_timeout_s:g})")
+    g.add_argument("--max-body-mib", type=in_range(0.0, low_open=True), default=d.max_body_mib,
+                   help=f"largest request body (default {d.max_body_mib:g})")
+    g.add_argument("--api-key", default=os.environ.get("VLMRT_API_KEY", ""),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: $VLMRT_API_KEY; none: no auth)")
+    g.add_argument("--allowed-local-media-path", default="", metavar="DIR",
+                   help="images may be files under DIR (file:// URLs or paths); default: data: URLs only")
+    g.add_argument("--image-cache-mib", type=in_range(0.0), default=d.image_cache_mib,
+                   help=f"vision outputs kept for images asked again (default {d.image_cache_mib:g}; 0 = off)")
 
 
 def cmd_serve(args) -> int:
-    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (one image and one question
-    per request; "stream": true for Server-Sent Events), GET /v1/models, GET /health. Concurrent requests
-    with the same settings run as one batch. See docs/serve.md."""
-    from vlmrt.models import load_model
+    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (multi-turn chats, one image
+    per request or none; "stream": true for Server-Sent Events), GET /v1/models, GET /health,
+    GET /metrics. Requests run on the engine: they join and leave the running batch at any step, and a
+    client that disconnects frees its slot. Needs the serve extra. See docs/serve.md."""
     from vlmrt.engine import EngineOptions
+    from vlmrt.models import load_model
     from vlmrt.pipeline import Pipeline
     from vlmrt.quantize import weights_from_args, with_weights
-    from vlmrt.serve import CHAT_PATH, check_batching, make_server
+    from vlmrt.serve import CHAT_PATH, ServeOptions, make_server, require_serve_extra
 
-    check_batching(args.max_batch, args.batch_wait_ms)  # before a model load that may take minutes
+    require_serve_extra()
+    options = ServeOptions(max_queue=args.max_queue, max_body_mib=args.max_body_mib, body_timeout_s=args.body_timeout,
+                           request_timeout_s=args.request_timeout, api_key=args.api_key,
+                           allowed_local_media_path=args.allowed_local_media_path, image_cache_mib=args.image_cache_mib)
+    options.check()  # before a model load that may take minutes
     weights = weights_from_args(args)
     loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed), weights)
-    options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None  # its cache fits a full batch
-    pipe = Pipeline(loaded, args.runtime, options, EngineOptions(kv_cache_gib=args.kv_cache_gib))
+    runtime_options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None
+    pipe = Pipeline(loaded, args.runtime, runtime_options, EngineOptions(kv_cache_gib=args.kv_cache_gib))
     watch_compiles(pipe.runtime)
     print_notes(pipe.notes)
-    server = make_server(pipe, args.host, args.port, args.max_batch, args.batch_wait_ms)
+    server = make_server(pipe, args.host, args.port, options, args.max_batch)
     notes = "".join(f"; note: {n}" for n in _synthetic_note(loaded))
+    auth = "" if options.api_key else "; no API key: anyone who reaches the port may use it"
     print(f"vlmrt: serving {server.model_name} ({pipe.runtime.name}, {loaded.device}) at {server.url}/v1 "
-          f"(POST {CHAT_PATH}; Ctrl-C stops){notes}", file=sys.stderr, flush=True)
+          f"(POST {CHAT_PATH}; Ctrl-C stops){auth}{notes}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("vlmrt: server stopped", file=sys.stderr)
+        pass
     finally:
         server.server_close()
+    print("vlmrt: server stopped", file=sys.stderr)
     return 0
 
 
@@ -310,7 +333,7 @@ COMMANDS = {
     "eval": ("fidelity checks: runtime parity, CLIP score", add_eval_args, cmd_eval),
     "export": ("export a model to ONNX graphs plus a manifest", add_export_args, cmd_export),
     "bench": ("time runtimes per stage and batch size, against Hugging Face generate", add_bench_args, cmd_bench),
-    "serve": ("serve a model over HTTP: OpenAI-compatible chat completions, batched", add_serve_args, cmd_serve),
+    "serve": ("serve a model over HTTP: OpenAI-compatible chat completions on the engine", add_serve_args, cmd_serve),
 }
 
 

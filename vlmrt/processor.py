@@ -20,6 +20,63 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
+class ChatTemplate:
+    """A family's conversation format, as plain data (it goes into export manifests with the spec).
+
+    ```
+     [system block] (user block | assistant block)* user block  generation
+      system.format(content=...)       image + text in the user turn that holds the image
+    ```
+    Each block is a format string with `{content}`. `system` None: the release has no system role
+    (a system message is refused). `image` goes before the text of the user turn holding the image
+    and contains the spec's `image_placeholder`. A single turn renders exactly as `template`.
+    """
+
+    user: str
+    assistant: str
+    generation: str  # what opens the answer: the prompt ends with it
+    image: str
+    system: str | None = None
+    default_system: str = ""  # rendered when the conversation has no system message ("" = no block)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """Turns of a chat, for `Processor.render`: roles "user"/"assistant", the last one "user".
+
+    Args:
+        turns: (role, text) pairs in order.
+        system: the system message (None: the family's default).
+        image_turn: index in `turns` of the user turn holding the image (-1: none, text only).
+    """
+
+    turns: tuple[tuple[str, str], ...]
+    system: str | None = None
+    image_turn: int = -1
+
+    def __contains__(self, text: str) -> bool:  # a family's check for markup in the user's text
+        return any(text in t for _, t in self.turns) or (self.system is not None and text in self.system)
+
+    def render(self, chat: ChatTemplate | None) -> str:
+        """The whole prompt in the family's format, ending with the opening of the answer."""
+        if chat is None:
+            raise VlmrtError("this model has no conversation template; send one user message with the question")
+        if self.system is not None and chat.system is None:
+            raise VlmrtError("this model's conversation template has no system role (the release has none); put "
+                             "the instruction in the first user message")
+        if not self.turns or self.turns[-1][0] != "user":
+            raise VlmrtError("the conversation must end with a user message")
+        system = chat.default_system if self.system is None else self.system
+        out = [chat.system.format(content=system)] if chat.system is not None and system else []
+        for i, (role, text) in enumerate(self.turns):
+            if role not in ("user", "assistant"):
+                raise VlmrtError(f"unknown role {role!r} in the conversation; use user or assistant")
+            content = (chat.image + text) if i == self.image_turn else text
+            out.append((chat.user if role == "user" else chat.assistant).format(content=content))
+        return "".join(out) + chat.generation
+
+
+@dataclass(frozen=True)
 class ProcessorSpec:
     """Everything needed to turn (image, question) into model inputs, and output ids into an answer.
 
@@ -44,6 +101,7 @@ class ProcessorSpec:
     # variable number of tokens (MiniCPM-V-2's slicing); "" = the square resize above
     batch_hook: str = ""
     hook_options: tuple[tuple[str, object], ...] = ()  # (name, value) pairs the hook reads: plain data
+    chat: ChatTemplate | None = None  # multi-turn conversations (None: one question per prompt only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +109,7 @@ class ProcessorSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "ProcessorSpec":
         d = dict(d)
+        d["chat"] = ChatTemplate(**d["chat"]) if d.get("chat") else None
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         d["stop_strings"] = tuple(d.get("stop_strings", ()))
         d["stop_token_ids"] = tuple(tuple(s) for s in d.get("stop_token_ids", ()))
@@ -120,7 +179,10 @@ class Processor:
         candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, spec.image_token_id + 1)
         self.pad_token_id = next(i for i in candidates if i is not None and i != spec.image_token_id)
 
-    def render(self, prompt: str) -> str:
+    def render(self, prompt: "str | Conversation") -> str:
+        """The prompt in the model's template: a question (one turn) or a whole `Conversation`."""
+        if isinstance(prompt, Conversation):
+            return prompt.render(self.spec.chat)
         if not prompt or not prompt.strip():
             raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
         return self.spec.template.replace("{prompt}", prompt)
@@ -139,10 +201,27 @@ class Processor:
                 ids += self.tokenizer(seg, add_special_tokens=False).input_ids
         return ids
 
+    def text_ids(self, prompt: "str | Conversation") -> list[int]:
+        """Token ids of a prompt without an image (a question becomes a one-turn conversation)."""
+        if not isinstance(prompt, Conversation):
+            if not prompt or not prompt.strip():
+                raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+            prompt = Conversation((("user", prompt),))
+        text = self.render(prompt)
+        if self.spec.image_placeholder in text:
+            raise VlmrtError(f"the text holds the image placeholder {self.spec.image_placeholder!r} but no image "
+                             "was given; remove it or add an image")
+        bos = [self.tokenizer.bos_token_id] if self.spec.add_bos and self.tokenizer.bos_token_id is not None else []
+        return bos + self.tokenizer(text, add_special_tokens=False).input_ids
+
     def __call__(self, images: list, prompts: list[str]) -> dict:
         """Returns input_ids [B,T] (left-padded), attention_mask [B,T], pixel_values [B,3,S,S]."""
         if len(images) != len(prompts):
             raise VlmrtError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        if all(im is None for im in images):  # text only: no vision inputs at all
+            return self.left_pad([self.text_ids(p) for p in prompts])
+        if any(im is None for im in images):
+            raise VlmrtError("a batch mixes rows with and without an image; run text-only prompts apart")
         if self.spec.batch_hook:  # the family builds the batch (and may add named vision inputs)
             import importlib
 

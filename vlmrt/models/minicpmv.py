@@ -41,7 +41,7 @@ from torch import nn
 
 from vlmrt.errors import VlmrtError
 from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, PreNormViTBlock, Resampler, sincos_2d_at, splice_image_features
-from vlmrt.processor import ProcessorSpec
+from vlmrt.processor import ChatTemplate, ProcessorSpec
 
 IMAGE_TOKEN_ID = 0  # `<unk>`: the release fills the <unk> runs between <image> and </image>
 MARKUP = ("<image>", "</image>", "<slice>", "</slice>")
@@ -50,6 +50,7 @@ SPECIAL_TOKENS = {0: "<unk>", 1: "<s>", 2: "</s>", 101: "<image>", 102: "</image
                   111: "<slice>", 112: "</slice>"}  # SPEC 2.6
 TEMPLATE = "<用户>(<image>./</image>)\n{prompt}<AI>"  # the placeholder is the July 2024 processor's marker
 PLACEHOLDER = "(<image>./</image>)"
+CHAT = ChatTemplate("<用户>{content}", "<AI>{content}", "<AI>", PLACEHOLDER + "\n")  # no system role (SPEC 2.6)
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,7 @@ class MiniCPMVForConditionalGeneration(nn.Module):
             image_size=cfg.scale_resolution, template=TEMPLATE, image_placeholder=PLACEHOLDER,
             image_token_id=self.image_token_id, num_image_tokens=cfg.query_num,
             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), stop_token_ids=((2,),),
-            batch_hook="vlmrt.models.minicpmv:build_batch", hook_options=tuple(asdict(cfg.slicing).items()),
+            batch_hook="vlmrt.models.minicpmv:build_batch", hook_options=tuple(asdict(cfg.slicing).items()), chat=CHAT,
         )
 
     @staticmethod

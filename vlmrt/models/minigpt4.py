@@ -29,7 +29,7 @@ from torch import nn
 
 from vlmrt.errors import VlmrtError
 from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, PreNormViTBlock, SplicedLlamaStages
-from vlmrt.processor import ProcessorSpec
+from vlmrt.processor import ChatTemplate, ProcessorSpec
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,14 @@ TEMPLATES = {  # the release's conversation templates, one user turn each (SPEC 
     "vicuna0": _SYSTEM + "###Human: <Img><ImageHere></Img> {prompt}###Assistant: ",
     "llama2": _SYSTEM + "<s>[INST] <Img><ImageHere></Img> {prompt} [/INST] ",
     "minigptv2": "<s>[INST] <Img><ImageHere></Img> {prompt} [/INST]",
+}
+CHATS = {  # the same formats over many turns (conversation.py: roles, separator, system)
+    "vicuna0": ChatTemplate("###Human: {content}", "###Assistant: {content}", "###Assistant: ",
+                            "<Img><ImageHere></Img> ", "{content}", _SYSTEM),
+    "llama2": ChatTemplate("<s>[INST] {content}", " [/INST] {content}", " [/INST] ", "<Img><ImageHere></Img> ",
+                           "{content}", _SYSTEM),
+    "minigptv2": ChatTemplate("<s>[INST] {content}", " [/INST]{content}", " [/INST]", "<Img><ImageHere></Img> ",
+                              "{content}"),
 }
 # `###` is id 835 and also the pair (2277 `##`, 29937 `#`) in the Llama vocabulary; 2 is </s>.
 STOP_TOKEN_IDS = ((835,), (2277, 29937), (2,))
@@ -320,6 +328,7 @@ class MiniGPT4ForConditionalGeneration(SplicedLlamaStages, nn.Module):
             num_image_tokens=cfg.num_image_tokens,
             stop_strings=("###",) if cfg.template == "vicuna0" else (),
             stop_token_ids=STOP_TOKEN_IDS,
+            chat=CHATS[cfg.template],
         )
 
     @staticmethod

@@ -36,7 +36,7 @@ from torch import nn
 
 from vlmrt.errors import VlmrtError
 from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, Resampler, SplicedLlamaStages
-from vlmrt.processor import ProcessorSpec
+from vlmrt.processor import ChatTemplate, ProcessorSpec
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,12 @@ TEMPLATES = {
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
               + _PICTURE + "<|im_end|>\n<|im_start|>assistant\n",
     "plain": _PICTURE,
+}
+CHATS = {  # Qwen's make_context: history turns between the system block and the query
+    "chatml": ChatTemplate("\n<|im_start|>user\n{content}<|im_end|>", "\n<|im_start|>assistant\n{content}<|im_end|>",
+                           "\n<|im_start|>assistant\n", "Picture 1: <img>{image}</img>\n",
+                           "<|im_start|>system\n{content}<|im_end|>", "You are a helpful assistant."),
+    "plain": ChatTemplate("{content}", "{content}", "", "Picture 1: <img>{image}</img>\n"),  # no roles, no system
 }
 STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|im_start|>")
 
@@ -270,6 +276,7 @@ class QWenLMHeadModel(SplicedLlamaStages, nn.Module):
             num_image_tokens=cfg.vision.num_queries,
             add_bos=False,  # Qwen has no BOS
             stop_token_ids=tuple((cfg.special_id(t),) for t in STOP_TOKENS),
+            chat=CHATS[cfg.template],
         )
 
     @staticmethod

@@ -37,7 +37,7 @@ import torch
 from vlmrt.errors import VlmrtError
 from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, causal_mask, keep_position
 from vlmrt.models.slimm_vision import VisionConfig, VisionTower, patch_rows, split_cells
-from vlmrt.processor import Processor, ProcessorSpec, image_to_pixels, load_image
+from vlmrt.processor import ChatTemplate, Processor, ProcessorSpec, image_to_pixels, load_image
 
 QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -45,6 +45,9 @@ QWEN2_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_st
 ENDOFTEXT, IM_END, IMAGE_PAD = 151643, 151645, 151655
 TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
             "<|vision_start|><|image_pad|><|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
+CHAT = ChatTemplate("<|im_start|>user\n{content}<|im_end|>\n", "<|im_start|>assistant\n{content}<|im_end|>\n",
+                    "<|im_start|>assistant\n", "<|vision_start|><|image_pad|><|vision_end|>",
+                    "<|im_start|>system\n{content}<|im_end|>\n", "You are a helpful assistant.")  # Qwen2-VL's
 DEEPSTACK_TYPES = ("none", "v1", "midlayers", "efficient")
 
 # The 0.5B releases name `custom_visual_model` and fetch its config from a hub at construction
@@ -294,7 +297,7 @@ def processor_spec(cfg: SliMMConfig) -> ProcessorSpec:
         image_size=cfg.image_size, template=TEMPLATE, image_placeholder="<|image_pad|>",
         image_token_id=IMAGE_PAD, num_image_tokens=cfg.num_image_tokens, add_bos=False,
         stop_token_ids=((IM_END,), (ENDOFTEXT,)), batch_hook="vlmrt.models.slimm:build_batch",
-        hook_options=tuple(options.items()),
+        hook_options=tuple(options.items()), chat=CHAT,
     )
 
 

@@ -98,7 +98,7 @@ BAD_NUMBERS = [  # (argv, what the one line says)
     (["eval", "parity", "--model", "m", "--images", "i", "--min-agreement", "2"], "argument --min-agreement: must be in"),
     (["serve", "--model", "m", "--port", "70000"], "argument --port: must be in 0..65535, got 70000"),
     (["serve", "--model", "m", "--max-batch", "0"], "argument --max-batch: must be at least 1"),
-    (["serve", "--model", "m", "--batch-wait-ms", "-5"], "argument --batch-wait-ms: must be in [0.0, inf)"),
+    (["serve", "--model", "m", "--max-queue", "-5"], "argument --max-queue: must be at least 0, got -5"),
     (["export", "--model", "m", "--out", "o", "--opset", "3"], "argument --opset: must be at least 7"),
     (["run", "--image", "x.jpg", "--prompt", "Hi"], "the following arguments are required: --model"),
 ]

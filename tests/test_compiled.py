@@ -70,8 +70,9 @@ def test_inductor_matches_eager_64_tokens(inductor, photo, rows):
 
 
 def test_a_new_shape_is_announced_and_its_compile_kept_out_of_the_stage_times(photo):
-    """Each stage says when it compiles for a new shape and how long it took; the Result's stage times
-    hold the run only, the compile goes to compile_ms; a second request at the same shapes compiles nothing."""
+    """Each stage says when it compiles for a new shape and how long it took. Pipeline runs on the
+    engine, which compiles every shape it serves at warm-up (one probe request, before the first
+    request's clock starts), so no request's stage times hold a compile and compile_ms stays 0."""
     pipe = Pipeline(load_tiny("minigpt4-tiny"), "compiled", {**ONE_BUCKET, "backend": "eager"})
     seen = []
     pipe.runtime.on_compile = lambda what: (seen.append([what]), seen[-1].append)[1]  # done(seconds) appends
@@ -79,12 +80,11 @@ def test_a_new_shape_is_announced_and_its_compile_kept_out_of_the_stage_times(ph
     first = pipe([photo], ["Hi"], cfg).timings
     size = pipe.loaded.spec.image_size
     assert [w.split(" (")[0] for w, *_ in seen] == [f"vision for pixels 1x3x{size}x{size}",
-                                                  "prefill for batch 4, 112 tokens", "decode for batch 4"], seen
+                                                  "prefill for one request, any length", "decode for 4 engine rows"], seen
     assert all(len(s) == 2 and s[1] > 0 for s in seen)  # each notice was ended with its duration
-    spent = first["compile_ms"]
-    assert spent["total"] == pytest.approx(sum(s[1] for s in seen) * 1e3)
-    assert spent["vision"] == pytest.approx(seen[0][1] * 1e3) and 0 < first["vision_ms"] < spent["vision"]
+    assert first["compile_ms"]["total"] == 0 and first["vision_ms"] > 0
     assert first["ttft_ms"] == pytest.approx(first["vision_ms"] + first["prefill_ms"])
+    assert sum(pipe.runtime.compile_by_stage.values()) == pytest.approx(sum(s[1] for s in seen))
     seen.clear()
     again = pipe([photo], ["Hi"], cfg).timings
     assert seen == [] and again["compile_ms"]["total"] == 0

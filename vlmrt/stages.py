@@ -45,6 +45,17 @@ def present_value_name(layer: int) -> str:
     return f"present.{layer}.value"
 
 
+def embedding_inputs(input_ids, image_features) -> dict:
+    """The embedding stage's named inputs: input_ids [B,T] plus image_features [B,N,D] (or a family's
+    dict of named features; None: text only, the graph then gets 0 image tokens)."""
+    values = {INPUT_IDS: input_ids}
+    if isinstance(image_features, dict):
+        values.update(image_features)
+    elif image_features is not None:
+        values[IMAGE_FEATURES] = image_features
+    return values
+
+
 @runtime_checkable
 class VisionLanguageModel(Protocol):
     """What a family's model class provides (see models/minigpt4.py for a worked example).

@@ -83,9 +83,7 @@ class StaticCacheDecoder(nn.Module):
         n = self.model.num_layers
         cache = ScatterKVCache([named.pop(past_key_name(i)) for i in range(n)],
                                [named.pop(past_value_name(i)) for i in range(n)])
-        logits = self.model.decode(embeds, positions, mask, slots, cache, logits_at=at, **named)  # [B,B,V]
-        rows = torch.arange(logits.shape[0], device=logits.device)[:, None, None]  # [B,1,1]
-        logits = logits.gather(1, rows.expand(-1, 1, logits.shape[2]))  # [B,1,V]: row b at its own index
+        logits = self.model.decode(embeds, positions, mask, slots, cache, logits_at=at, **named)  # [B,1,V]: row b at at[b]
         outs = [logits]
         for i in range(n):
             outs += [cache.keys[i], cache.values[i]]

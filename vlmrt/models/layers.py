@@ -213,9 +213,8 @@ def keep_position(h: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tens
     MB at a 150k vocabulary) for nothing. Parity tests ask for all positions."""
     if logits_at is None:
         return h
-    if logits_at.shape[0] == 1:
-        return h.index_select(1, logits_at)
-    return h.gather(1, logits_at.view(-1, 1, 1).expand(-1, 1, h.shape[2]))  # [B,1,D]
+    # one gather for both forms (no branch on a shape, so an export with a dynamic batch keeps one graph)
+    return h.gather(1, logits_at.view(-1, 1, 1).expand(h.shape[0], 1, h.shape[2]))  # [B,1,D]
 
 
 class LlamaModel(nn.Module):

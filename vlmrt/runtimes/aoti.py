@@ -23,8 +23,8 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import read_manifest
-from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS,
-                          LOGITS_INDEX, POSITION_IDS)
+from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, LOGITS_INDEX,
+                          POSITION_IDS, embedding_inputs)
 
 
 def _load_package(path):
@@ -100,11 +100,7 @@ class AotiRuntime:
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor, image_features) -> torch.Tensor:
         """input_ids [B,T] (+ image_features or a dict of them; None: text only) -> inputs_embeds [B,T,D]."""
-        values = {INPUT_IDS: input_ids}
-        if isinstance(image_features, dict):
-            values.update(image_features)
-        elif image_features is not None:
-            values[IMAGE_FEATURES] = image_features
+        values = embedding_inputs(input_ids, image_features)
         dims = {"batch": input_ids.shape[0], "sequence": input_ids.shape[1]}
         return self._one_or_dict(self._call(("embedding", True), values, dims), INPUTS_EMBEDS)  # missing: 0 tokens
 

@@ -406,7 +406,7 @@ class CompiledRuntime:
         self.synchronize()
         seconds = time.perf_counter() - t0
         self.compile_s += seconds
-        self.compile_by_stage[key[0]] += seconds
+        self.compile_by_stage[shape_stage(key)] += seconds
         if done:
             done(seconds)
         return out
@@ -423,12 +423,21 @@ class CompiledRuntime:
             raise VlmrtError(f"call start(batch_size>={b}, max_seq_len) before decode (the generation loop does)")
 
 
+def shape_stage(key: tuple) -> str:
+    """The stage a shape key compiles: vision, prefill or decode (the engine's keys included)."""
+    return key[0].removeprefix("engine-")
+
+
 def describe_shape(key: tuple) -> str:
     """A shape key in words: ("prefill", Bb, Tb, S, rank) -> "prefill for batch 4, 64 tokens (cache 128)"."""
     if key[0] == "vision":
         return f"vision for pixels {'x'.join(map(str, key[1]))}"
     if key[0] == "prefill":
         return f"prefill for batch {key[1]}, {key[2]} tokens (cache {key[3]})"
+    if key[0] == "engine-prefill":
+        return "prefill for one request, any length (the engine's slot pool)"
+    if key[0] == "engine-decode":
+        return f"decode for {key[1]} engine rows (the slot pool)"
     return f"decode for batch {key[1]} (cache {key[2]})"
 
 

@@ -25,7 +25,7 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import read_manifest
-from vlmrt.stages import ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, POSITION_IDS
+from vlmrt.stages import ATTENTION_MASK, IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, POSITION_IDS, embedding_inputs
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -183,11 +183,7 @@ class OnnxRuntime:
 
     def embed(self, input_ids: torch.Tensor, image_features) -> torch.Tensor:
         """input_ids [B,T] (+ image_features [B,N,D] or a dict of them; None: text only) -> inputs_embeds."""
-        values = {INPUT_IDS: input_ids}
-        if isinstance(image_features, dict):
-            values.update(image_features)
-        elif image_features is not None:
-            values[IMAGE_FEATURES] = image_features
+        values = embedding_inputs(input_ids, image_features)
         outs = self.run("embedding", values, {"batch": input_ids.shape[0], "sequence": input_ids.shape[1]})
         return self._tensors(outs, INPUTS_EMBEDS)
 

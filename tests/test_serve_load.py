@@ -23,9 +23,13 @@ from vlmrt.serve import ServeOptions, make_server  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+PIPES = []  # the server's pipeline, for tests that pace its steps
+
+
 @pytest.fixture(scope="module")
 def server():
-    server = make_server(Pipeline(load_tiny("minigpt4-tiny")), "127.0.0.1", 0, ServeOptions(quiet=True), max_batch=16)
+    PIPES.append(Pipeline(load_tiny("minigpt4-tiny")))
+    server = make_server(PIPES[-1], "127.0.0.1", 0, ServeOptions(quiet=True), max_batch=16)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -71,9 +75,18 @@ def test_64_concurrent_clients_are_all_answered(server, messages):
     assert reasons == ["length"] * 64, [r for r in reasons if r != "length"][:3]
 
 
-def test_clients_that_disconnect_free_their_slots(server, messages):
+def test_clients_that_disconnect_free_their_slots(server, messages, monkeypatch):
     """4 streams closed after their first piece and 4 plain requests whose client times out: all
-    8 are aborted within a step or two, long before their 390 tokens."""
+    8 are aborted within a step or two, long before their 390 tokens. Steps are paced to 20 ms, so
+    390 of them outlast the clients' 1 s timeout on any machine (a fast one would finish first)."""
+    runtime = PIPES[-1].runtime
+    run_step = runtime.run_step
+
+    def paced(*args, **kwargs):
+        time.sleep(0.02)
+        return run_step(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "run_step", paced)
     start = health(server)["steps"]
 
     async def leave_stream(c):

@@ -213,8 +213,11 @@ def keep_position(h: torch.Tensor, logits_at: torch.Tensor | None) -> torch.Tens
     MB at a 150k vocabulary) for nothing. Parity tests ask for all positions."""
     if logits_at is None:
         return h
-    # one gather for both forms (no branch on a shape, so an export with a dynamic batch keeps one graph)
-    return h.gather(1, logits_at.view(-1, 1, 1).expand(h.shape[0], 1, h.shape[2]))  # [B,1,D]
+    # A one-hot row per query picks its position with one batched matmul, [1 or B,1,T] x [B,T,D]: no
+    # branch on a shape (an export with a dynamic batch keeps one graph) and no shape computed at run
+    # time (an exported graph keeps its static 1). Exact: one term is 1 x h, the others 0 x h.
+    pick = torch.arange(h.shape[1], device=h.device) == logits_at.view(-1, 1)  # [1 or B, T]
+    return pick[:, None, :].to(h.dtype) @ h  # [B,1,D]
 
 
 class LlamaModel(nn.Module):

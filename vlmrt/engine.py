@@ -9,10 +9,11 @@ per running request (vlmrt/kv_cache.py `SlotKVCache`).
  add(request) ─► processor (tokens, pixels) ─► length check ─► waiting (FIFO) ─┐
  abort(id) ─► free its slot now; an "abort" event at the next step             │
                                                                                ▼
- step():  1. admit: while a slot is free, pop a waiting request:
+ step():  1. admit: while a slot is free, pop a waiting request (max_prefills per step at most):
               vision ─► embed ─► prefill [1,L] at slots 0..L-1 of its row ─► sample token 0
           2. decode every running row in one call over pool rows [0, n):
-              token [n] ─► embed ─► decode(positions [n,1], cache_position [n,1], mask [n,S+1])
+              token [n] ─► embed ─► decode(positions [n,1], cache_position [n,1], mask [n,S+1],
+                                            window: the longest row + 1; see attention_window)
               ─► logits [n,V] ─► sample per row (own config, own generator) ─► stop per row
           3. a row that stopped frees its slot at once; events (new tokens, text, finish) out
 

@@ -5,7 +5,7 @@ arrays. Driven by the shared generation loop and the engine like the eager runti
 ```
  encode_images  pixel_values (+ named vision inputs) ─► jit(vision) ─► image_features
  embed          input_ids (+ image_features) ─► jit(embedding) ─► inputs_embeds
- start(b, n)    cache = zeros [b,H_kv,S,hd] per layer, S = n rounded up to a multiple of 64
+ start(b, n)    cache = zeros [b,H_kv,S,hd] per layer, S = n rounded up to a multiple of 128
  decode         inputs_embeds [b,t,D], position_ids, attention_mask [b,S], cache_position [b,t],
                 logits_index [b] = t-1, cache ─► jit(static-cache decoder) ─► logits [b,1,V], cache
                 (the cache arguments are donated: XLA writes the new keys into their buffers)
@@ -29,10 +29,12 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.static_cache import ScatterKVCache
+from vlmrt.kv_cache import SlotKVCache
 from vlmrt.runtimes.torchax_bridge import import_jax, to_jax, to_torch
 from vlmrt.stages import IMAGE_FEATURES, INPUTS_EMBEDS
 
-SEQ_BUCKET = 64  # cache slots are allocated in multiples of this
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}  # for tests
+SEQ_BUCKET = 128  # cache slots are allocated in multiples of this (requests share executables)
 
 
 def _decoder_call(model, embeds, positions, mask, slots, at, keys, values, extras):
@@ -77,11 +79,11 @@ class JaxStages:
 class _Stage:
     """One stage: jitted, or op by op when tracing needs concrete values (see the module docstring)."""
 
-    def __init__(self, stages: JaxStages, method, name: str, donate: tuple = ()):
+    def __init__(self, stages: JaxStages, method, name: str, donate: tuple = (), fast_compile: bool = False):
         jax = stages.jax
         self.name, self.stages = name, stages
         self.eager = stages.function(method)
-        self.jitted = jax.jit(self.eager, donate_argnums=donate)
+        self.jitted = jax.jit(self.eager, donate_argnums=donate, compiler_options=FAST_COMPILE if fast_compile else None)
         self.mode = "jit"
         self.trace_errors = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
                              jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
@@ -109,11 +111,13 @@ class JaxRuntime:
 
     Args:
         loaded: a `LoadedModel` (a preset or release; fp32, fp16 or bf16 weights) on the CPU.
+        fast_compile: compile without XLA's backend optimizations (quicker compiles, slower steps),
+            for tests.
     """
 
     name = "jax"
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, fast_compile: bool = False):
         if loaded.export_dir is not None:
             raise VlmrtError(f"{loaded.export_dir} is an export folder; --runtime jax runs a preset or a release "
                              "(model code); run the folder with the runtime its manifest names")
@@ -126,9 +130,10 @@ class JaxRuntime:
         self.device, self.dtype = loaded.device, loaded.dtype
         stages = JaxStages(self.model)
         self.jax = stages.jax
-        self.vision = _Stage(stages, "encode_images", "vision")
-        self.embedding = _Stage(stages, "embed", "embedding")
-        self.decoder = _Stage(stages, _decoder_call, "decoder", donate=(6, 7))  # weights first: keys, values
+        self.vision = _Stage(stages, "encode_images", "vision", fast_compile=fast_compile)
+        self.embedding = _Stage(stages, "embed", "embedding", fast_compile=fast_compile)
+        self.decoder = _Stage(stages, _decoder_call, "decoder", donate=(6, 7), fast_compile=fast_compile)  # args
+        # after the weights: ..., keys 6, values 7
         self.keys: tuple = ()
         self.values: tuple = ()
         self.seq = self.past_len = 0
@@ -188,6 +193,29 @@ class JaxRuntime:
             to_jax(embeds.to(self.dtype)), to_jax(positions), to_jax(mask), to_jax(slots), to_jax(at),
             self.keys, self.values, {k: to_jax(v) for k, v in extras.items()})
         return to_torch(logits)
+
+    # ------------------------------------------------------------------ engine steps (vlmrt/engine.py)
+    def allocate_slots(self, num_slots: int, max_seq: int) -> SlotKVCache:
+        """The engine's KV pool (torch buffers, which the engine compacts in place): `num_slots` rows of
+        `max_seq` positions (+ one scratch position)."""
+        m = self.model
+        self.pool = SlotKVCache(m.num_layers, num_slots, m.num_kv_heads, max_seq, m.head_dim, self.dtype, self.device)
+        return self.pool
+
+    def run_step(self, step) -> torch.Tensor:
+        """One engine decoder call (`vlmrt.engine.StepInputs`) over pool rows [start, stop) -> logits
+        [n,V]. The rows' cache goes to JAX and back around the call (two host copies of those rows)."""
+        pool, (a, b) = self.pool, (step.start, step.stop)
+        n, t = step.inputs_embeds.shape[:2]
+        at = torch.zeros(n, dtype=torch.long) if step.logits_at is None else step.logits_at.reshape(-1).expand(n)
+        keys = tuple(to_jax(k[a:b]) for k in pool.keys)  # each [n,H_kv,S+1,hd]
+        values = tuple(to_jax(v[a:b]) for v in pool.values)
+        logits, keys, values = self.decoder(
+            to_jax(step.inputs_embeds.to(self.dtype)), to_jax(step.position_ids), to_jax(step.attention_mask),
+            to_jax(step.cache_position), to_jax(at), keys, values, {k: to_jax(v) for k, v in step.extras.items()})
+        for buf, new in zip(pool.keys + pool.values, keys + values):
+            buf[a:b].copy_(to_torch(new))
+        return to_torch(logits)[:, -1]  # [n,V]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: cache row i becomes a copy of row rows[i] (rows [n])."""

@@ -10,11 +10,15 @@ torchax 0.0.13 names, at import, aten overloads that torch 2.13 no longer has (t
 ones, e.g. `aten.prod.dim_Dimname`), and stops there. `import_torchax` imports it with missing
 overload names resolving to inert placeholders: they only fill torchax's tables (decompositions to
 register, autocast policies), which torch then never looks up, because no such op is ever dispatched.
+Importing torchax also turns off PyTorch's fast path of `nn.MultiheadAttention` in this process
+(the eager reference then runs its plain path: the same results up to rounding).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -60,6 +64,8 @@ def import_jax():
         import jax
     except ImportError:
         raise VlmrtError(f"--runtime jax needs JAX; {EXTRA_HINT}") from None
+    os.environ.setdefault("ENABLE_RUNTIME_UPTIME_TELEMETRY", "0")  # torchax turns it on unless set
+    warnings.filterwarnings("ignore", message="Explicitly requested dtype int64")  # ids as int32: expected
     try:
         with _tolerate_missing_overloads():
             import torchax

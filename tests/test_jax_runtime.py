@@ -95,6 +95,10 @@ def test_missing_extra_names_it(monkeypatch):
         runtime_class("jax")(load_tiny(CI_PRESET))
 
 
+def _features(out):
+    return out["image_features"] if isinstance(out, dict) else out
+
+
 def test_engine_steps_match_eager():
     """run_step on the engine's pool: a two-row prefill at slots [0, T) and one decode step, against
     eager's run_step on the same inputs (the shapes of the parity test: no new compile)."""
@@ -118,12 +122,17 @@ def test_engine_steps_match_eager():
     mask2[:, t] = 1
     token = torch.tensor([[5], [7]])
     steps.append(StepInputs(0, b, split_embedded(eager.embed(token, None))[0], positions[..., -1:] + 1, torch.full((b, 1), t), mask2))
-    for rt in (eager, runtime):
-        rt.allocate_slots(b, SEQ_BUCKET - 1)
-    for step in steps:
-        ref, out = eager.run_step(step), runtime.run_step(step)
-        assert out.shape == ref.shape
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():  # as the engine runs its steps
+        for rt in (eager, runtime):
+            rt.allocate_slots(b, SEQ_BUCKET - 1)
+        for step in steps:
+            ref, out = eager.run_step(step), runtime.run_step(step)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        one = parity_batch(loaded, 1)  # one image: a new shape, so the vision stage is traced in inference mode
+        kwargs = {k: v for k, v in one.items() if k == "image_grid_thw"}
+        torch.testing.assert_close(_features(runtime.encode_images(one["pixel_values"], **kwargs)),
+                                   _features(eager.encode_images(one["pixel_values"], **kwargs)), rtol=1e-4, atol=1e-5)
     valid = mask2.bool()
     for k_ref, k_out in zip(eager.pool.keys, runtime.pool.keys):
         torch.testing.assert_close(k_out.transpose(1, 2)[valid], k_ref.transpose(1, 2)[valid], rtol=1e-4, atol=1e-5)

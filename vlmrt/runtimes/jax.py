@@ -89,6 +89,12 @@ class _Stage:
                              jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
 
     def __call__(self, *args, **kwargs):
+        """Outside inference mode (the engine's steps run in it): under it, torch dispatches some
+        ops to torchax without their default arguments (conv2d's padding, dilation, groups)."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._call(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         if self.mode == "jit":
             try:
                 return self.jitted(self.stages.weights, *args, **kwargs)

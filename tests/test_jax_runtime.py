@@ -136,3 +136,15 @@ def test_engine_steps_match_eager():
     valid = mask2.bool()
     for k_ref, k_out in zip(eager.pool.keys, runtime.pool.keys):
         torch.testing.assert_close(k_out.transpose(1, 2)[valid], k_ref.transpose(1, 2)[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_beam_search_matches_eager():
+    """Beam search prefills B prompts into a cache of B*K rows, then reorders rows: same beams as eager."""
+    from vlmrt.config import GenerationConfig
+    from vlmrt.generate import generate
+    from vlmrt.runtimes.eager import EagerRuntime
+
+    loaded, runtime = load_tiny(CI_PRESET), _runtime(CI_PRESET)
+    batch, cfg = parity_batch(loaded, 2), GenerationConfig(max_new_tokens=4, num_beams=2)
+    ref = generate(EagerRuntime(loaded), batch, cfg, loaded.tokenizer).token_ids
+    assert generate(runtime, batch, cfg, loaded.tokenizer).token_ids == ref

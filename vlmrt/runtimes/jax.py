@@ -194,10 +194,19 @@ class JaxRuntime:
         return logits
 
     def _run_decoder(self, embeds, positions, mask, slots, at, extras) -> torch.Tensor:
-        """One decoder call on the runtime's cache (replaced by the call's outputs); logits [B,1,V]."""
-        logits, self.keys, self.values = self.decoder(
+        """One decoder call on the first B rows of the runtime's cache (replaced by the call's outputs;
+        beam search prefills B prompts into a cache of B*K rows); logits [B,1,V]."""
+        b, rows = embeds.shape[0], self.keys[0].shape[0]
+        keys, values = self.keys, self.values
+        if b < rows:
+            keys, values = tuple(k[:b] for k in keys), tuple(v[:b] for v in values)
+        logits, keys, values = self.decoder(
             to_jax(embeds.to(self.dtype)), to_jax(positions), to_jax(mask), to_jax(slots), to_jax(at),
-            self.keys, self.values, {k: to_jax(v) for k, v in extras.items()})
+            keys, values, {k: to_jax(v) for k, v in extras.items()})
+        if b < rows:
+            keys = tuple(full.at[:b].set(k) for full, k in zip(self.keys, keys))
+            values = tuple(full.at[:b].set(v) for full, v in zip(self.values, values))
+        self.keys, self.values = keys, values
         return to_torch(logits)
 
     # ------------------------------------------------------------------ engine steps (vlmrt/engine.py)

@@ -13,8 +13,9 @@ server: abort on disconnect, `--allowed-local-media-path`, `--api-key`, `/metric
    body (size limit 413, read timeout 408) ─► JSON ─► ChatRequest:
      messages ─► Conversation (the family's template renders it), image (data: URL, or a file
      under --allowed-local-media-path), GenerationConfig            ─► EngineLoop.submit (503 if full)
+   Answer (the ASGI response): watches the connection from submit to its last byte
    ◄── job.queue: ("text", piece)* then ("done", answer) | ("error", HttpError) ◄── engine.step()
-   client gone or --request-timeout passed ─► EngineLoop.abort ─► engine.abort: slot free at once
+   client gone or --request-timeout passed ─► EngineLoop.abort ─► engine.abort before the next step
 ```
 """
 
@@ -304,28 +305,18 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "vlmrt"}
     routes = f"POST {CHAT_PATH}, GET /v1/models, GET /v1/models/{{id}}, GET /health, GET /metrics"
 
-    def error(e: HttpError, close: bool = False) -> JSONResponse:
-        headers = {**e.headers, **({"Connection": "close"} if close else {})}
-        return JSONResponse(e.body(), e.status, headers=headers)
-
     @app.exception_handler(HTTPException)
     async def _routing(request, exc):  # unknown path 404, wrong method 405: JSON too
         verb = "is not allowed on" if exc.status_code == 405 else "has no route"
-        return error(HttpError(exc.status_code, f"{request.method} {verb} {request.url.path}; this server answers "
-                                                f"{routes}", "invalid_request_error"), close=True)
+        return error_response(HttpError(exc.status_code, f"{request.method} {verb} {request.url.path}; this server "
+                                                         f"answers {routes}", "invalid_request_error"), close=True)
 
     @app.exception_handler(Exception)
     async def _bug(request, exc):
-        return error(http_error(exc))
+        return error_response(http_error(exc))
 
-    @app.middleware("http")
-    async def _auth(request, call_next):
-        if options.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-                return error(HttpError(401, "missing or wrong API key; send Authorization: Bearer KEY",
-                                       "authentication_error", "invalid_api_key"))
-        return await call_next(request)
+    if options.api_key:
+        app.add_middleware(ApiKey, key=options.api_key)
 
     async def health(request):
         e = loop.engine
@@ -345,8 +336,8 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     async def model(request):
         model_id = request.path_params["model_id"]
         if model_id != model_name:
-            return error(HttpError(404, f"the model `{model_id}` does not exist; this server runs `{model_name}`",
-                                   "invalid_request_error", "model_not_found"))
+            return error_response(HttpError(404, f"the model `{model_id}` does not exist; this server runs "
+                                                 f"`{model_name}`", "invalid_request_error", "model_not_found"))
         return JSONResponse(card)
 
     async def chat(request):
@@ -357,13 +348,8 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
             job = Job(parsed.prompt, parsed.image, parsed.config, parsed.stream, asyncio.get_running_loop())
             loop.submit(job)
         except HttpError as e:
-            return error(e, close=e.status in (408, 411, 413))
-        if parsed.stream:
-            return await _stream(loop, job, request, parsed.include_usage, model_name, options)
-        kind, value = await _wait(loop, job, request, options)
-        if kind == "error":
-            return error(value)
-        return JSONResponse(completion_json(value, model_name))
+            return error_response(e, close=e.status in (408, 411, 413))
+        return Answer(loop, job, parsed.include_usage, model_name, options)
 
     for path, endpoint, method in (("/health", health, "GET"), ("/metrics", metrics, "GET"), ("/v1/models", models, "GET"),
                                    ("/v1/models/{model_id:path}", model, "GET"), (CHAT_PATH, chat, "POST")):
@@ -371,8 +357,36 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     return app
 
 
+def error_response(e: HttpError, close: bool = False):
+    """An HttpError as OpenAI's JSON error body (an ASGI app)."""
+    from fastapi.responses import JSONResponse
+
+    headers = {**e.headers, **({"Connection": "close"} if close else {})}
+    return JSONResponse(e.body(), e.status, headers=headers)
+
+
+class ApiKey:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY` (401 otherwise). Pure ASGI on
+    purpose: Starlette's BaseHTTPMiddleware runs the app in a task behind a memory stream, which
+    changes when the app's sends return and how it sees a client leave."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not secrets.compare_digest(given, self.expected):
+                refuse = error_response(HttpError(401, "missing or wrong API key; send Authorization: Bearer KEY",
+                                                  "authentication_error", "invalid_api_key"))
+                return await refuse(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _read_json(request, options: ServeOptions):
     """The body as JSON: a Content-Length, at most max_body_mib, whole within body_timeout_s."""
+    from starlette.requests import ClientDisconnect
+
     limit = int(options.max_body_mib * 2**20)
     length = request.headers.get("content-length", "")
     if not length.isdigit():
@@ -384,16 +398,12 @@ async def _read_json(request, options: ServeOptions):
     except asyncio.TimeoutError:
         raise HttpError(408, f"the body did not arrive within {options.body_timeout_s:g} s (shorter than its "
                              "Content-Length, or too slow); send it again") from None
+    except ClientDisconnect:  # the answer goes nowhere; no traceback for the log
+        raise HttpError(499, "the client closed the connection before its body arrived", "cancelled") from None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HttpError(400, f"the body is not valid JSON ({e}); send a chat completions request object") from None
-
-
-async def _disconnected(request) -> None:
-    """Returns once the client has gone (the body is read: the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _timeout(options: ServeOptions) -> HttpError:
@@ -401,63 +411,75 @@ def _timeout(options: ServeOptions) -> HttpError:
                           "and was stopped; ask for fewer tokens or retry later", "timeout")
 
 
-async def _wait(loop: EngineLoop, job: Job, request, options: ServeOptions):
-    """The final event of a non-streamed request; a client that leaves aborts it."""
-    result = asyncio.ensure_future(job.queue.get())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, timeout=options.request_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if result in done:
-        return result.result()
-    result.cancel()
-    loop.abort(job)
-    return "error", _timeout(options) if not done else HttpError(499, "the client closed the connection", "cancelled")
+class Answer:
+    """The ASGI response of a submitted request. From the moment it starts until its last byte it
+    watches the connection: a client that leaves (before its first token, while it waits for a
+    slot, mid-stream or while a plain answer is made) aborts its request, so its slot is free
+    before the engine's next step. Streamed: Server-Sent Events (a role chunk, one chunk per piece
+    of text as the engine makes it final, a chunk with finish_reason, a usage chunk if asked, then
+    `data: [DONE]`); an error before the first piece is a plain JSON answer.
 
+    The abort never waits on the event generator's cleanup: a generator left suspended at a
+    `yield` when its task is cancelled is closed only when the garbage collector finds it.
+    """
 
-async def _stream(loop: EngineLoop, job: Job, request, include_usage: bool, model: str, options: ServeOptions):
-    """Server-Sent Events: a role chunk, one chunk per piece of text as the engine makes it final, a
-    chunk with finish_reason, a usage chunk if asked, then `data: [DONE]`. An error before the first
-    piece is a plain JSON answer; a client that leaves aborts the request (the generator is cancelled)."""
-    from fastapi.responses import JSONResponse, StreamingResponse
+    def __init__(self, loop: EngineLoop, job: Job, include_usage: bool, model: str, options: ServeOptions):
+        self.loop, self.job, self.include_usage, self.model, self.options = loop, job, include_usage, model, options
+        self.deadline = job.submitted + options.request_timeout_s
 
-    deadline = job.submitted + options.request_timeout_s
-    try:
-        first = await asyncio.wait_for(job.queue.get(), options.request_timeout_s)
-    except asyncio.TimeoutError:
-        loop.abort(job)
-        first = ("error", _timeout(options))
-    if first[0] == "error":
-        return JSONResponse(first[1].body(), first[1].status)
-    cid, created = _completion_id(), int(time.time())
-
-    def chunk(delta, reason=None, **extra):
-        return _sse(chunk_json(cid, created, model, delta, reason, **extra))
-
-    async def events():
-        kind, value = first
+    async def __call__(self, scope, receive, send):
+        watcher = asyncio.ensure_future(self._abort_when_gone(receive))
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            while kind == "text":
-                yield chunk({"content": value})
-                try:
-                    kind, value = await asyncio.wait_for(job.queue.get(), max(deadline - time.perf_counter(), 0.001))
-                except asyncio.TimeoutError:
-                    loop.abort(job)
-                    kind, value = "error", _timeout(options)
+            kind, value = first = await self._next()
             if kind == "error":
-                yield _sse(value.body())  # the stream ends without [DONE]
-                return
-            yield chunk({}, value["finish_reason"], vlmrt=value["vlmrt"])
-            if include_usage:
-                yield _sse({**chunk_json(cid, created, model, {}), "choices": [], "usage": value["usage"]})
-            yield b"data: [DONE]\n\n"
-        finally:
-            loop.abort(job)  # a no-op once finished; a client that left stops its request here
+                await error_response(value)(scope, receive, send)
+            elif self.job.stream:
+                await self._stream(first, send)
+            else:
+                from fastapi.responses import JSONResponse
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                await JSONResponse(completion_json(value, self.model))(scope, receive, send)
+        finally:
+            watcher.cancel()
+            self.loop.abort(self.job)  # a no-op once finished; a cancelled handler stops its request
+
+    async def _abort_when_gone(self, receive) -> None:
+        """Returns once the client has gone (the body is read: the next ASGI message is the
+        disconnect, or uvicorn's end of the response), aborting the request if still running."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.loop.abort(self.job)
+
+    async def _next(self) -> tuple[str, object]:
+        """The request's next event; past --request-timeout the request is aborted (504)."""
+        try:
+            return await asyncio.wait_for(self.job.queue.get(), max(self.deadline - time.perf_counter(), 0.001))
+        except asyncio.TimeoutError:
+            self.loop.abort(self.job)
+            return "error", _timeout(self.options)
+
+    async def _stream(self, first, send) -> None:
+        cid, created = _completion_id(), int(time.time())
+
+        async def chunk(delta, reason=None, **extra):
+            await body(_sse(chunk_json(cid, created, self.model, delta, reason, **extra)))
+
+        async def body(data: bytes, more: bool = True):
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+        kind, value = first
+        await chunk({"role": "assistant", "content": ""})
+        while kind == "text":
+            await chunk({"content": value})
+            kind, value = await self._next()
+        if kind == "error":
+            return await body(_sse(value.body()), more=False)  # the stream ends without [DONE]
+        await chunk({}, value["finish_reason"], vlmrt=value["vlmrt"])
+        if self.include_usage:
+            await body(_sse({**chunk_json(cid, created, self.model, {}), "choices": [], "usage": value["usage"]}))
+        await body(b"data: [DONE]\n\n", more=False)
 
 
 # ---- the server ----

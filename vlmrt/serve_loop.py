@@ -206,7 +206,7 @@ class EngineLoop(threading.Thread):
             job.rid = self.engine.add(Request(job.prompt, job.image, cfg))
         except Exception as e:  # a prompt too long, an unreadable image: this request only
             return self._fail(job, http_error(e))
-        job.prompt_tokens, job.notes = self.engine._live[job.rid].length, self.engine.notes(job.rid)
+        job.prompt_tokens, job.notes = self.engine.prompt_tokens(job.rid), self.engine.notes(job.rid)
         self.jobs[job.rid] = job
 
     def _abort(self, job: Job) -> None:

@@ -22,9 +22,6 @@ server: abort on disconnect, `--allowed-local-media-path`, `--api-key`, `/metric
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import secrets
 import socket
@@ -33,19 +30,23 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
 from vlmrt.processor import Conversation
 from vlmrt.serve_loop import EngineLoop, HttpError, Job, http_error
+from vlmrt.serve_media import MediaPolicy, load_image_url
 from vlmrt.serve_options import ServeOptions  # noqa: F401 (part of this module's API)
 
 CHAT_PATH = "/v1/chat/completions"
+MAX_IMAGES = 1  # per request: every family's processor (vlmrt/processor.py) places one image per prompt
 EXTRA = "serve"  # pip install 'vlmrt[serve]'
 _UNSUPPORTED = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
                 "logit_bias": {}, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                 "audio": None, "modalities": None, "prediction": None}
+_WHY = {"n": " (one choice per request: send n requests, each with its own `seed`, for n samples)",
+        "logprobs": " (the engine returns no token log-probabilities)",
+        "top_logprobs": " (the engine returns no token log-probabilities)"}
 
 
 def require_serve_extra() -> None:
@@ -76,8 +77,9 @@ class ChatRequest:
     include_usage: bool  # stream_options.include_usage: one more chunk, with usage
 
 
-def parse_chat_request(body, pipeline, model_name: str, media_root: str = "") -> ChatRequest:
-    """A parsed JSON body -> ChatRequest. Raises HttpError (400, or 404 for another model)."""
+def parse_chat_request(body, pipeline, model_name: str, media: MediaPolicy | None = None) -> ChatRequest:
+    """A parsed JSON body -> ChatRequest, its image read per `media`. Raises HttpError (400, or 404
+    for another model)."""
     if not isinstance(body, dict):
         raise HttpError(400, "the body must be a JSON object with a `messages` list")
     model = body.get("model")
@@ -86,7 +88,8 @@ def parse_chat_request(body, pipeline, model_name: str, media_root: str = "") ->
                              "(GET /v1/models)", "invalid_request_error", "model_not_found")
     for name, neutral in _UNSUPPORTED.items():
         if body.get(name) not in (None, neutral):
-            raise HttpError(400, f"`{name}` is not supported by vlmrt; leave it out (or set it to {json.dumps(neutral)})")
+            raise HttpError(400, f"`{name}` is not supported by vlmrt{_WHY.get(name, '')}; leave it out (or set it "
+                                 f"to {json.dumps(neutral)})")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise HttpError(400, "`response_format` is not supported by vlmrt (no JSON mode); leave it out or use "
@@ -95,7 +98,7 @@ def parse_chat_request(body, pipeline, model_name: str, media_root: str = "") ->
     config = generation_config(body, pipeline)
     stream = _field(body, "stream", False, bool, lambda v: True, "true or false")
     options = _field(body, "stream_options", {}, dict, lambda v: True, 'an object, e.g. {"include_usage": true}')
-    image = load_image_url(url, media_root) if url else None
+    image = load_image_url(url, media) if url else None
     return ChatRequest(conversation, image, config, stream, options.get("include_usage") is True)
 
 
@@ -123,9 +126,10 @@ def conversation_and_image(messages) -> tuple[Conversation, str | None]:
     if turns[-1][0] != "user":
         raise HttpError(400, "the last message must be the user's (the model answers it); drop the trailing "
                              "assistant message")
-    if len(urls) > 1:
-        raise HttpError(400, f"the messages have {len(urls)} images; vlmrt answers about one image per request "
-                             "(in any user message): send one {\"type\": \"image_url\"} part")
+    if len(urls) > MAX_IMAGES:
+        raise HttpError(400, f"the messages have {len(urls)} images; the families vlmrt runs take at most "
+                             f"{MAX_IMAGES} image per request (in any user message; their processors place one image "
+                             "per prompt): send one {\"type\": \"image_url\"} part, or one request per image")
     if not turns[-1][1]:
         raise HttpError(400, 'the last user message has no question; add a {"type": "text", "text": ...} part')
     system = "\n".join(systems) if systems else None
@@ -157,63 +161,6 @@ def _image_url(part: dict) -> str:
     if not isinstance(url, str) or not url:
         raise HttpError(400, 'an image_url part needs {"image_url": {"url": "data:image/png;base64,..."}}')
     return url
-
-
-def load_image_url(url: str, media_root: str = ""):
-    """A base64 data: URL, or a file under `media_root` (a file:// URL or a path) -> RGB PIL image.
-    Never downloads. A file outside the root and a missing one get the same answer."""
-    if url.startswith("data:"):
-        return _decode_data_url(url)
-    scheme = urlparse(url).scheme.lower()
-    if scheme in ("http", "https"):
-        raise HttpError(400, "image URLs over http(s) are not fetched (vlmrt never downloads); send the image "
-                             "inline as data:image/jpeg;base64,...")
-    if scheme not in ("file", "") and len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
-        raise HttpError(400, f"unsupported image URL scheme '{scheme}:'; use a data: URL (or a file:// URL)")
-    if len(url) > 4096:  # not a path: most likely base64 sent without its data: prefix
-        raise HttpError(400, "the image URL is not a data: URL and too long for a path; send data:image/png;base64,...")
-    return _local_image(unquote(urlparse(url).path) if scheme == "file" else url, media_root)
-
-
-def _local_image(path: str, media_root: str):
-    from vlmrt.processor import load_image
-
-    unavailable = HttpError(400, f"the image file {path} is not available: the server reads local files only under "
-                                 "its --allowed-local-media-path (and only ones that exist); send the image inline "
-                                 "as a data: URL")
-    if not media_root:
-        raise unavailable
-    root = Path(media_root).resolve()
-    full = (root / path).resolve()  # an absolute path stays itself; symlinks and .. resolved
-    if not full.is_relative_to(root) or not full.is_file():
-        raise unavailable
-    try:
-        return load_image(full)
-    except VlmrtError as e:
-        raise HttpError(400, str(e)) from None
-
-
-def _decode_data_url(url: str):
-    from PIL import Image, UnidentifiedImageError
-
-    from vlmrt.processor import to_rgb
-
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise HttpError(400, "an image data: URL must be base64, e.g. data:image/png;base64,iVBORw0KGgo...")
-    try:
-        raw = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "the image data: URL's payload is not valid base64") from None
-    what = "the image data: URL does not hold an image PIL can read (JPEG, PNG, WebP ...)"
-    try:
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except UnidentifiedImageError:  # its message names the BytesIO object, which tells a client nothing
-        raise HttpError(400, what) from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise HttpError(400, f"{what}: {e}") from None
-    return to_rgb(img)
 
 
 def generation_config(body: dict, pipeline) -> GenerationConfig:
@@ -303,6 +250,8 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     app = FastAPI(title="vlmrt", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "vlmrt"}
+    media = MediaPolicy(options.allowed_local_media_path, tuple(d.lower() for d in options.allowed_media_domains),
+                        options.image_fetch_timeout_s, int(options.max_body_mib * 2**20))
     routes = f"POST {CHAT_PATH}, GET /v1/models, GET /v1/models/{{id}}, GET /health, GET /metrics"
 
     @app.exception_handler(HTTPException)
@@ -343,8 +292,7 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     async def chat(request):
         try:
             body = await _read_json(request, options)
-            parsed = await run_in_threadpool(parse_chat_request, body, loop.pipeline, model_name,
-                                             options.allowed_local_media_path)
+            parsed = await run_in_threadpool(parse_chat_request, body, loop.pipeline, model_name, media)
             job = Job(parsed.prompt, parsed.image, parsed.config, parsed.stream, asyncio.get_running_loop())
             loop.submit(job)
         except HttpError as e:

@@ -408,6 +408,7 @@ def test_metrics_count_tokens_and_image_cache_hits(server):
     assert _metric(after, "vlmrt_generation_tokens_total") - _metric(before, "vlmrt_generation_tokens_total") == 2 * TOKENS
     assert _metric(after, "vlmrt_time_to_first_token_seconds_count") >= 2
     assert _metric(after, "vlmrt_kv_slots_total") >= 1 and "vlmrt_inter_token_latency_seconds_bucket" in after
+    assert _metric(after, "vlmrt_requests_running") >= 0 and _metric(after, "vlmrt_requests_waiting") >= 0
 
 
 def test_a_cached_image_gives_the_same_answer(server, photo):

@@ -119,6 +119,22 @@ def test_a_seed_reproduces_a_sampled_answer(server, photo):
     assert len(answers) == 1
 
 
+def test_n_choices_are_n_seeded_requests_streamed_or_not(server, photo):
+    body = chat(data_url(photo), temperature=1.0, seed=7)
+    singles = [post(server, {**body, "seed": 7 + i})[1] for i in range(3)]
+    status, out = post(server, {**body, "n": 3})
+    assert status == 200 and [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in out["choices"]] == [s["choices"][0]["message"]["content"] for s in singles]
+    assert out["usage"]["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]  # the prompt counts once
+    assert out["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+    chunks, last = stream(server, {**body, "n": 3, "stream_options": {"include_usage": True}})
+    pieces = {i: "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                         if c["choices"] and c["choices"][0]["index"] == i) for i in range(3)}
+    assert last == "data: [DONE]" and pieces == {i: c["message"]["content"] for i, c in enumerate(out["choices"])}
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]) == 3
+    assert chunks[-1]["usage"] == out["usage"]
+
+
 def stream(server, body) -> tuple[list, str]:
     """The decoded `data:` events of a streamed answer, and the last raw event."""
     status, headers, data = request(server, "/v1/chat/completions", {**body, "stream": True})
@@ -170,7 +186,8 @@ BAD = {  # case: (photo -> body, what the message says)
     "prompt too long": (lambda photo: chat(data_url(photo), "the " * 600), "shorten the prompt"),
     "bad max_tokens": (lambda photo: chat(data_url(photo), max_tokens=0), "`max_tokens` must be an integer >= 1"),
     "bad temperature": (lambda photo: chat(data_url(photo), temperature="hot"), "`temperature` must be a number"),
-    "n above 1": (lambda photo: chat(data_url(photo), n=2), "`n` is not supported by vlmrt (one choice"),
+    "bad n": (lambda photo: chat(data_url(photo), n=0), "`n` must be an integer in [1, 16]"),
+    "n with beams": (lambda photo: chat(data_url(photo), n=2, num_beams=2), "beam search gives one answer"),
     "logprobs": (lambda photo: chat(data_url(photo), logprobs=True), "`logprobs` is not supported"),
     "top_logprobs": (lambda photo: chat(data_url(photo), top_logprobs=2), "`top_logprobs` is not supported"),
     "tools": (lambda photo: chat(data_url(photo), tools=[{"type": "function", "function": {"name": "f"}}]),

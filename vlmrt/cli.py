@@ -225,9 +225,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> int:
-    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (multi-turn chats, one image
-    per request, in any user message, or none; "stream": true for Server-Sent Events), GET /v1/models, GET /health,
-    GET /metrics. Requests run on the engine: they join and leave the running batch at any step, and a
+    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (multi-turn chats, `n`
+    choices, one image per request, in any user message, or none; "stream": true for Server-Sent
+    Events), GET /v1/models, GET /health, GET /metrics. Requests run on the engine: they join and leave the running batch at any step, and a
     client that disconnects frees its slot. Needs the serve extra. See docs/serve.md."""
     from vlmrt.engine import EngineOptions
     from vlmrt.models import load_model

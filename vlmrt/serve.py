@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlmrt.config import GenerationConfig
@@ -39,13 +39,13 @@ from vlmrt.serve_media import MediaPolicy, load_image_url
 from vlmrt.serve_options import ServeOptions  # noqa: F401 (part of this module's API)
 
 CHAT_PATH = "/v1/chat/completions"
+MAX_CHOICES = 16  # `n`: each choice is one engine request
 MAX_IMAGES = 1  # per request: every family's processor (vlmrt/processor.py) places one image per prompt
 EXTRA = "serve"  # pip install 'vlmrt[serve]'
-_UNSUPPORTED = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
+_UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
                 "logit_bias": {}, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                 "audio": None, "modalities": None, "prediction": None}
-_WHY = {"n": " (one choice per request: send n requests, each with its own `seed`, for n samples)",
-        "logprobs": " (the engine returns no token log-probabilities)",
+_WHY = {"logprobs": " (the engine returns no token log-probabilities)",
         "top_logprobs": " (the engine returns no token log-probabilities)"}
 
 
@@ -75,6 +75,7 @@ class ChatRequest:
     config: GenerationConfig
     stream: bool
     include_usage: bool  # stream_options.include_usage: one more chunk, with usage
+    n: int = 1  # choices: one engine request each (a sampled one with seed + i)
 
 
 def parse_chat_request(body, pipeline, model_name: str, media: MediaPolicy | None = None) -> ChatRequest:
@@ -99,7 +100,19 @@ def parse_chat_request(body, pipeline, model_name: str, media: MediaPolicy | Non
     stream = _field(body, "stream", False, bool, lambda v: True, "true or false")
     options = _field(body, "stream_options", {}, dict, lambda v: True, 'an object, e.g. {"include_usage": true}')
     image = load_image_url(url, media) if url else None
-    return ChatRequest(conversation, image, config, stream, options.get("include_usage") is True)
+    n = _field(body, "n", 1, int, lambda v: 1 <= v <= MAX_CHOICES, f"an integer in [1, {MAX_CHOICES}]")
+    if n > 1 and config.num_beams > 1:
+        raise HttpError(400, "`n` > 1 with `num_beams` > 1 is not served (beam search gives one answer); leave one out")
+    return ChatRequest(conversation, image, config, stream, options.get("include_usage") is True, n)
+
+
+def choice_config(config: GenerationConfig, index: int) -> GenerationConfig:
+    """The settings of choice `index` of a request: a seeded sampled request's choice i samples
+    with seed + i (reproducible, and different from each other); unseeded ones draw a seed each in
+    the engine loop; greedy choices are all the same answer, as with OpenAI at temperature 0."""
+    if index == 0 or not config.do_sample or config.seed is None:
+        return config
+    return replace(config, seed=(config.seed + index) % 2**63)
 
 
 def conversation_and_image(messages) -> tuple[Conversation, str | None]:
@@ -213,19 +226,26 @@ def _stop_strings(value) -> tuple[str, ...]:
 # ---- responses ----
 
 
-def completion_json(answer: dict, model: str) -> dict:
-    """An engine answer -> OpenAI's `chat.completion` object, plus vlmrt's timings."""
-    return {
-        "id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"]},
-                     "finish_reason": answer["finish_reason"], "logprobs": None}],
-        "usage": answer["usage"], "vlmrt": answer["vlmrt"],
-    }
+def completion_json(answers: list[dict], model: str) -> dict:
+    """The engine answers of a request's choices -> OpenAI's `chat.completion` object, plus vlmrt's
+    timings (per choice when there are several). The prompt counts once in `usage`."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": a["text"]},
+                "finish_reason": a["finish_reason"], "logprobs": None} for i, a in enumerate(answers)]
+    return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": total_usage(answers),
+            "vlmrt": answers[0]["vlmrt"] if len(answers) == 1 else {"choices": [a["vlmrt"] for a in answers]}}
 
 
-def chunk_json(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
-    """One `chat.completion.chunk` of a stream; every chunk of a stream shares id and created."""
-    choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+def total_usage(answers: list[dict]) -> dict:
+    prompt, completion = answers[0]["usage"]["prompt_tokens"], sum(a["usage"]["completion_tokens"] for a in answers)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chunk_json(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None, index: int = 0,
+               **extra) -> dict:
+    """One `chat.completion.chunk` of a stream (of choice `index`); every chunk of a stream shares id
+    and created."""
+    choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra}
 
 
@@ -293,11 +313,13 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
         try:
             body = await _read_json(request, options)
             parsed = await run_in_threadpool(parse_chat_request, body, loop.pipeline, model_name, media)
-            job = Job(parsed.prompt, parsed.image, parsed.config, parsed.stream, asyncio.get_running_loop())
-            loop.submit(job)
+            queue = asyncio.Queue()
+            jobs = [Job(parsed.prompt, parsed.image, choice_config(parsed.config, i), parsed.stream,
+                        asyncio.get_running_loop(), queue, index=i) for i in range(parsed.n)]
+            loop.submit(*jobs)
         except HttpError as e:
             return error_response(e, close=e.status in (408, 411, 413))
-        return Answer(loop, job, parsed.include_usage, model_name, options)
+        return Answer(loop, jobs, parsed.include_usage, model_name, options)
 
     for path, endpoint, method in (("/health", health, "GET"), ("/metrics", metrics, "GET"), ("/v1/models", models, "GET"),
                                    ("/v1/models/{model_id:path}", model, "GET"), (CHAT_PATH, chat, "POST")):
@@ -360,73 +382,98 @@ def _timeout(options: ServeOptions) -> HttpError:
 
 
 class Answer:
-    """The ASGI response of a submitted request. From the moment it starts until its last byte it
-    watches the connection: a client that leaves (before its first token, while it waits for a
-    slot, mid-stream or while a plain answer is made) aborts its request, so its slot is free
-    before the engine's next step. Streamed: Server-Sent Events (a role chunk, one chunk per piece
-    of text as the engine makes it final, a chunk with finish_reason, a usage chunk if asked, then
-    `data: [DONE]`); an error before the first piece is a plain JSON answer.
+    """The ASGI response of a submitted request (its `n` choices, one job each). From the moment it
+    starts until its last byte it watches the connection: a client that leaves (while it waits for a
+    slot, before its first token, mid-stream or while a plain answer is made) aborts its jobs, so
+    their slots are free before the engine's next step. Streamed: Server-Sent Events (per choice a
+    role chunk, one chunk per piece of text as the engine makes it final and a chunk with
+    finish_reason; then a usage chunk if asked and `data: [DONE]`); an error before the first piece
+    is a plain JSON answer, and an error of one choice ends the whole request.
 
-    The abort never waits on the event generator's cleanup: a generator left suspended at a
-    `yield` when its task is cancelled is closed only when the garbage collector finds it.
+    The abort never waits on an event generator's cleanup: a generator left suspended at a `yield`
+    when its task is cancelled is closed only when the garbage collector finds it.
     """
 
-    def __init__(self, loop: EngineLoop, job: Job, include_usage: bool, model: str, options: ServeOptions):
-        self.loop, self.job, self.include_usage, self.model, self.options = loop, job, include_usage, model, options
-        self.deadline = job.submitted + options.request_timeout_s
+    def __init__(self, loop: EngineLoop, jobs: list[Job], include_usage: bool, model: str, options: ServeOptions):
+        self.loop, self.jobs, self.include_usage, self.model, self.options = loop, jobs, include_usage, model, options
+        self.deadline = jobs[0].submitted + options.request_timeout_s
 
     async def __call__(self, scope, receive, send):
         watcher = asyncio.ensure_future(self._abort_when_gone(receive))
         try:
-            kind, value = first = await self._next()
-            if kind == "error":
-                await error_response(value)(scope, receive, send)
-            elif self.job.stream:
+            first = await self._next()
+            if first[1] == "error":
+                await error_response(first[2])(scope, receive, send)
+            elif self.jobs[0].stream:
                 await self._stream(first, send)
             else:
-                from fastapi.responses import JSONResponse
-
-                await JSONResponse(completion_json(value, self.model))(scope, receive, send)
+                await (await self._whole(first))(scope, receive, send)
         finally:
             watcher.cancel()
-            self.loop.abort(self.job)  # a no-op once finished; a cancelled handler stops its request
+            self._abort()  # a no-op once finished; a cancelled handler stops its request
+
+    def _abort(self) -> None:
+        for job in self.jobs:
+            self.loop.abort(job)
 
     async def _abort_when_gone(self, receive) -> None:
         """Returns once the client has gone (the body is read: the next ASGI message is the
         disconnect, or uvicorn's end of the response), aborting the request if still running."""
         while (await receive())["type"] != "http.disconnect":
             pass
-        self.loop.abort(self.job)
+        self._abort()
 
-    async def _next(self) -> tuple[str, object]:
-        """The request's next event; past --request-timeout the request is aborted (504)."""
+    async def _next(self) -> tuple[int, str, object]:
+        """The next event of any choice; past --request-timeout the request is aborted (504)."""
         try:
-            return await asyncio.wait_for(self.job.queue.get(), max(self.deadline - time.perf_counter(), 0.001))
+            return await asyncio.wait_for(self.jobs[0].queue.get(), max(self.deadline - time.perf_counter(), 0.001))
         except asyncio.TimeoutError:
-            self.loop.abort(self.job)
-            return "error", _timeout(self.options)
+            self._abort()
+            return 0, "error", _timeout(self.options)
 
-    async def _stream(self, first, send) -> None:
-        cid, created = _completion_id(), int(time.time())
+    async def _whole(self, event):
+        """A plain answer once every choice is done (an error of one: that error, the others stopped)."""
+        from fastapi.responses import JSONResponse
 
-        async def chunk(delta, reason=None, **extra):
-            await body(_sse(chunk_json(cid, created, self.model, delta, reason, **extra)))
+        answers = {}
+        while True:
+            index, kind, value = event
+            if kind == "error":
+                self._abort()
+                return error_response(value)
+            answers[index] = value
+            if len(answers) == len(self.jobs):
+                return JSONResponse(completion_json([answers[i] for i in range(len(self.jobs))], self.model))
+            event = await self._next()
+
+    async def _stream(self, event, send) -> None:
+        cid, created, started, answers = _completion_id(), int(time.time()), set(), {}
 
         async def body(data: bytes, more: bool = True):
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
-        kind, value = first
-        await chunk({"role": "assistant", "content": ""})
-        while kind == "text":
-            await chunk({"content": value})
-            kind, value = await self._next()
-        if kind == "error":
-            return await body(_sse(value.body()), more=False)  # the stream ends without [DONE]
-        await chunk({}, value["finish_reason"], vlmrt=value["vlmrt"])
+        while True:
+            index, kind, value = event
+            if kind == "error":
+                self._abort()
+                return await body(_sse(value.body()), more=False)  # the stream ends without [DONE]
+            if index not in started:
+                started.add(index)
+                await body(_sse(chunk_json(cid, created, self.model, {"role": "assistant", "content": ""}, None, index)))
+            if kind == "text":
+                await body(_sse(chunk_json(cid, created, self.model, {"content": value}, None, index)))
+            else:
+                answers[index] = value
+                await body(_sse(chunk_json(cid, created, self.model, {}, value["finish_reason"], index,
+                                           vlmrt=value["vlmrt"])))
+                if len(answers) == len(self.jobs):
+                    break
+            event = await self._next()
         if self.include_usage:
-            await body(_sse({**chunk_json(cid, created, self.model, {}), "choices": [], "usage": value["usage"]}))
+            usage = total_usage(list(answers.values()))
+            await body(_sse({**chunk_json(cid, created, self.model, {}), "choices": [], "usage": usage}))
         await body(b"data: [DONE]\n\n", more=False)
 
 
@@ -485,7 +532,6 @@ def make_server(pipeline, host: str = "127.0.0.1", port: int = 8000, options: Se
         >>> ...  # POST f"{server.url}/v1/chat/completions"
         >>> server.shutdown(); server.server_close()
     """
-    from dataclasses import replace
 
     from vlmrt.engine import Engine
     from vlmrt.image_cache import CachedVision

@@ -362,7 +362,9 @@ def test_a_full_queue_is_a_503_with_retry_after(pipe, photo):
         with urllib.request.urlopen(req, timeout=60) as long:
             long.readline()  # the long request holds the only slot
             status, headers, data = request(server, "/v1/chat/completions", chat(data_url(photo)))
+        too_many = post(server, chat(data_url(photo), n=2))  # never fits: a 400, not a retry
     assert status == 503 and headers["Retry-After"] == "1" and "at capacity" in json.loads(data)["error"]["message"]
+    assert too_many[0] == 400 and "more than this server ever holds" in too_many[1]["error"]["message"]
 
 
 def test_a_request_past_its_timeout_is_stopped_with_a_504(pipe, photo):

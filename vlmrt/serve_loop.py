@@ -141,6 +141,9 @@ class EngineLoop(threading.Thread):
         with self.lock:
             if self.stopping:
                 raise HttpError(503, "the server is shutting down; retry once it is back", "server_error")
+            if len(jobs) > self.engine.num_slots + self.max_queue:
+                raise HttpError(400, f"`n` = {len(jobs)} is more than this server ever holds at once ({self.engine.num_slots} "
+                                     f"running + {self.max_queue} queued); ask for fewer choices")
             if self.in_flight + len(jobs) > self.engine.num_slots + self.max_queue:
                 self.metrics.rejected.inc()
                 raise HttpError(503, f"the server is at capacity ({self.engine.num_slots} running, {self.max_queue} "

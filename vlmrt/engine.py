@@ -69,8 +69,9 @@ class Request:
     """One request: a prompt about an image, with its own settings.
 
     Args:
-        prompt: the question (the family's template is applied).
-        image: a path or PIL image.
+        prompt: the question (the family's template is applied), or a `Conversation`.
+        image: a path or PIL image, or a list of them: several images in one prompt (up to the
+            family's `ProcessorSpec.max_images`), in the turns the Conversation's `image_turns` name.
         config: sampling, stops and max tokens (None: the engine's default, the model's stops).
     """
 
@@ -279,6 +280,17 @@ class Engine:
         self.timers["prefill_s"] += t2 - t1
         s.first_token = t2
         self._accept(s, [int(token[0])], events)
+
+    def _encode(self, batch: dict):
+        """The vision stage's output for a one-row batch (None: text only). Several images of the
+        prompt (pixel_values [N,3,S,S]) go through it one at a time, as the single images a compiled
+        vision graph and the image cache know, and come out as one row [1,N*Q,D], in order."""
+        pixels, rt = batch.get("pixel_values"), self.runtime
+        if pixels is None:
+            return None
+        if pixels.shape[0] == batch["input_ids"].shape[0]:
+            return rt.encode_images(pixels, **vision_inputs(batch))
+        return torch.cat([rt.encode_images(pixels[i:i + 1]) for i in range(pixels.shape[0])], dim=1)  # [1,N*Q,D]
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()

@@ -94,14 +94,18 @@ class Pipeline:
         """Answer one question per image; rows of a batch finish independently.
 
         Args:
-            images: paths or PIL images.
-            prompts: one question per image.
+            images: paths or PIL images; a row's entry may be a list of them (several images in
+                its prompt, each in the family's markup; the engine path, num_beams 1).
+            prompts: one question (or `Conversation`) per row.
             config: sampling and stopping (default: `generation_config()`, greedy, 64 tokens).
             on_text: streaming callback, called as on_text(row, new_text).
         """
         config = config or self.generation_config()
         if config.num_beams == 1 and hasattr(self.runtime, "run_step"):
             return self._on_engine(images, prompts, config, on_text)
+        if any(isinstance(im, (list, tuple)) and len(im) > 1 for im in images):
+            raise VlmrtError("several images per prompt run on the engine only (num_beams 1, a runtime with "
+                             "engine steps); use num_beams 1 or one image")
         t0 = time.perf_counter()
         batch = self.processor(images, prompts)
         batch = {k: v.to(self.loaded.device) if hasattr(v, "to") else v for k, v in batch.items()}  # loop runs on the model's device

@@ -29,7 +29,9 @@ class ChatTemplate:
     ```
     Each block is a format string with `{content}`. `system` None: the release has no system role
     (a system message is refused). `image` goes before the text of the user turn holding the image
-    and contains the spec's `image_placeholder`. A single turn renders exactly as `template`.
+    and contains the spec's `image_placeholder`, once per image of that turn; `{n}` in it becomes the
+    image's number within its turn, from 1 (Qwen-VL's `Picture {n}:`). A single turn renders exactly
+    as `template`.
     """
 
     user: str
@@ -48,11 +50,22 @@ class Conversation:
         turns: (role, text) pairs in order.
         system: the system message (None: the family's default).
         image_turn: index in `turns` of the user turn holding the image (-1: none, text only).
+        image_turns: for several images, the index in `turns` of each image's user turn, in image
+            order (a turn with two images appears twice); when given, `image_turn` is not read.
     """
 
     turns: tuple[tuple[str, str], ...]
     system: str | None = None
     image_turn: int = -1
+    image_turns: tuple[int, ...] = ()
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_turns) if self.image_turns else int(self.image_turn >= 0)
+
+    def images_in(self, turn: int) -> int:
+        """How many images the turn at index `turn` holds."""
+        return self.image_turns.count(turn) if self.image_turns else int(turn == self.image_turn)
 
     def __contains__(self, text: str) -> bool:  # a family's check for markup in the user's text
         return any(text in t for _, t in self.turns) or (self.system is not None and text in self.system)
@@ -71,7 +84,10 @@ class Conversation:
         for i, (role, text) in enumerate(self.turns):
             if role not in ("user", "assistant"):
                 raise VlmrtError(f"unknown role {role!r} in the conversation; use user or assistant")
-            content = (chat.image + text) if i == self.image_turn else text
+            if self.images_in(i) and role != "user":
+                raise VlmrtError("an image can only be in a user message")
+            markup = "".join(chat.image.replace("{n}", str(k + 1)) for k in range(self.images_in(i)))
+            content = markup + text
             out.append((chat.user if role == "user" else chat.assistant).format(content=content))
         return "".join(out) + chat.generation
 
@@ -102,6 +118,7 @@ class ProcessorSpec:
     batch_hook: str = ""
     hook_options: tuple[tuple[str, object], ...] = ()  # (name, value) pairs the hook reads: plain data
     chat: ChatTemplate | None = None  # multi-turn conversations (None: one question per prompt only)
+    max_images: int = 1  # images one prompt may hold (each its own markup and features; see Processor)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,9 +232,16 @@ class Processor:
         return bos + self.tokenizer(text, add_special_tokens=False).input_ids
 
     def __call__(self, images: list, prompts: list[str]) -> dict:
-        """Returns input_ids [B,T] (left-padded), attention_mask [B,T], pixel_values [B,3,S,S]."""
+        """Returns input_ids [B,T] (left-padded), attention_mask [B,T], pixel_values [B,3,S,S].
+
+        A row's image may be a list of images (a batch of one row only): see `several_images`."""
         if len(images) != len(prompts):
             raise VlmrtError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
+        if any(isinstance(im, (list, tuple)) for im in images):
+            if len(images) != 1:
+                raise VlmrtError("several images per prompt are taken in a batch of one prompt only; send the "
+                                 "prompts one by one")
+            return self.several_images(list(images[0]), prompts[0])
         if all(im is None for im in images):  # text only: no vision inputs at all
             return self.left_pad([self.text_ids(p) for p in prompts])
         if any(im is None for im in images):
@@ -229,6 +253,30 @@ class Processor:
             return getattr(importlib.import_module(module), func)(self, images, prompts)
         pixels = torch.stack([image_to_pixels(load_image(im), self.spec) for im in images])
         return {**self.left_pad([self.prompt_ids(p) for p in prompts]), "pixel_values": pixels}
+
+    def several_images(self, images: list, prompt: "str | Conversation") -> dict:
+        """One prompt with N images, each in the family's markup in its own user turn (a question:
+        all in its one turn) -> input_ids [1,T], attention_mask [1,T], pixel_values [N,3,S,S]; the
+        embedding stage takes the N images' features as one row, [1,N*Q,D], filled in order."""
+        spec = self.spec
+        if len(images) > spec.max_images:
+            raise VlmrtError(f"got {len(images)} images for one prompt; this model takes at most {spec.max_images} "
+                             f"image{'s' if spec.max_images > 1 else ''} per prompt")
+        if len(images) == 1 and not isinstance(prompt, Conversation):
+            return self([images[0]], [prompt])
+        if not isinstance(prompt, Conversation):
+            if not prompt or not prompt.strip():
+                raise VlmrtError("the prompt is empty; pass a question, e.g. --prompt 'Describe this image.'")
+            prompt = Conversation((("user", prompt),), image_turns=(0,) * len(images))
+        if prompt.num_images != len(images):
+            raise VlmrtError(f"the conversation places {prompt.num_images} images but {len(images)} were given; "
+                             "give one image per image_turns entry")
+        if len(images) == 1:
+            return self([images[0]], [prompt])
+        if spec.batch_hook:
+            raise VlmrtError("this model takes one image per prompt")  # a hook family sets max_images 1
+        pixels = torch.stack([image_to_pixels(load_image(im), spec) for im in images])  # [N,3,S,S]
+        return {**self.left_pad([self.prompt_ids(prompt)]), "pixel_values": pixels}
 
     def left_pad(self, rows: list[list[int]]) -> dict:
         """Token id rows -> input_ids [B,T] left-padded with `pad_token_id`, attention_mask [B,T]."""

@@ -92,6 +92,7 @@ CHATS = {  # the same formats over many turns (conversation.py: roles, separator
     "minigptv2": ChatTemplate("<s>[INST] {content}", " [/INST]{content}", " [/INST]", "<Img><ImageHere></Img> ",
                               "{content}"),
 }
+MAX_IMAGES = 4  # per prompt: <Img><ImageHere></Img> each, 32 tokens each (the release's chat takes several)
 # `###` is id 835 and also the pair (2277 `##`, 29937 `#`) in the Llama vocabulary; 2 is </s>.
 STOP_TOKEN_IDS = ((835,), (2277, 29937), (2,))
 LLAMA_PINNED = {835: "\u2581###", 2277: "##", 29937: "#"}
@@ -329,6 +330,7 @@ class MiniGPT4ForConditionalGeneration(SplicedLlamaStages, nn.Module):
             stop_strings=("###",) if cfg.template == "vicuna0" else (),
             stop_token_ids=STOP_TOKEN_IDS,
             chat=CHATS[cfg.template],
+            max_images=MAX_IMAGES,
         )
 
     @staticmethod

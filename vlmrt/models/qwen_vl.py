@@ -116,10 +116,11 @@ TEMPLATES = {
 }
 CHATS = {  # Qwen's make_context: history turns between the system block and the query
     "chatml": ChatTemplate("\n<|im_start|>user\n{content}<|im_end|>", "\n<|im_start|>assistant\n{content}<|im_end|>",
-                           "\n<|im_start|>assistant\n", "Picture 1: <img>{image}</img>\n",
+                           "\n<|im_start|>assistant\n", "Picture {n}: <img>{image}</img>\n",
                            "<|im_start|>system\n{content}<|im_end|>", "You are a helpful assistant."),
-    "plain": ChatTemplate("{content}", "{content}", "", "Picture 1: <img>{image}</img>\n"),  # no roles, no system
+    "plain": ChatTemplate("{content}", "{content}", "", "Picture {n}: <img>{image}</img>\n"),  # no roles, no system
 }
+MAX_IMAGES = 4  # per prompt: 258 ids each (SPEC 3.5), numbered per query as from_list_format does
 STOP_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|im_start|>")
 
 _QWEN_7B = DecoderConfig(vocab_size=151936, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
@@ -277,6 +278,7 @@ class QWenLMHeadModel(SplicedLlamaStages, nn.Module):
             add_bos=False,  # Qwen has no BOS
             stop_token_ids=tuple((cfg.special_id(t),) for t in STOP_TOKENS),
             chat=CHATS[cfg.template],
+            max_images=MAX_IMAGES,
         )
 
     @staticmethod

@@ -162,9 +162,9 @@ def _url(url: str):
     return lambda photo: chat(url)
 
 
-def _two_images(photo) -> dict:
+def _five_images(photo) -> dict:  # minigpt4 takes at most 4 per prompt
     body = chat(data_url(photo))
-    body["messages"][0]["content"].append(body["messages"][0]["content"][1])
+    body["messages"][0]["content"] += [body["messages"][0]["content"][1]] * 4
     return body
 
 
@@ -178,7 +178,7 @@ BAD = {  # case: (photo -> body, what the message says)
     "no user message": (lambda photo: {"messages": [{"role": "system", "content": "hi"}]}, "no message has role `user`"),
     "assistant last": (_last("assistant"), "the last message must be the user's"),
     "tool message": (_last("tool"), "unsupported message role"),
-    "two images": (_two_images, "have 2 images"),
+    "five images": (_five_images, "have 5 images; minigpt4-tiny takes at most 4 images per request"),
     "no question": (lambda photo: chat(data_url(photo), "  "), "has no question"),
     "undecodable image": (_url("data:image/png;base64," + base64.b64encode(b"not a picture").decode()), "does not hold an image"),
     "bad base64": (_url("data:image/png;base64,@@@@"), "not valid base64"),
@@ -308,6 +308,26 @@ def test_history_and_a_system_message_go_through_the_family_s_template(server, p
     last_only = pipe([photo], [Conversation((("user", "Of whom?"),), "Be brief.", 0)], pipe.generation_config(max_new_tokens=1))
     assert ref.row_prompt_tokens[0] > last_only.row_prompt_tokens[0] + 4  # the history is in the prompt
     assert ref.row_prompt_tokens[0] < alone(pipe, photo, "Of whom?").row_prompt_tokens[0]  # the short system replaced the default
+
+
+def test_images_in_two_user_messages_go_each_in_its_turn(server, pipe, photo):
+    from vlmrt.processor import Conversation
+    from vlmrt.serve_media import load_image_url
+
+    urls = [data_url(photo), _noise_url(3)]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[0]}},
+                                             {"type": "text", "text": "What is this?"}]},
+                {"role": "assistant", "content": "A photo."},
+                {"role": "user", "content": [{"type": "text", "text": "And this?"},
+                                             {"type": "image_url", "image_url": {"url": urls[1]}}]}]
+    status, out = post(server, {"messages": messages, "max_tokens": TOKENS})
+    conv = Conversation((("user", "What is this?"), ("assistant", "A photo."), ("user", "And this?")), image_turns=(0, 2))
+    images = [load_image_url(u) for u in urls]
+    ref = pipe([images], [conv], pipe.generation_config(max_new_tokens=TOKENS))
+    assert status == 200 and out["choices"][0]["message"]["content"] == ref.texts[0]
+    assert out["usage"]["prompt_tokens"] == ref.row_prompt_tokens[0]
+    one = pipe([images[0]], [Conversation(conv.turns, image_turn=0)], pipe.generation_config(max_new_tokens=1))
+    assert ref.row_prompt_tokens[0] > one.row_prompt_tokens[0] + pipe.processor.spec.num_image_tokens  # both images in
 
 
 def test_a_text_only_chat_is_answered(server, pipe):

@@ -260,8 +260,7 @@ class Engine:
     def _prefill(self, s: _State, events: list[Event]) -> None:
         rt, batch, L = self.runtime, s.batch, s.length
         t0 = time.perf_counter()
-        pixels = batch.get("pixel_values")
-        features = rt.encode_images(pixels, **vision_inputs(batch)) if pixels is not None else None
+        features = self._encode(batch)
         rt.synchronize()
         t1 = time.perf_counter()
         embeds, extras = split_embedded(rt.embed(batch["input_ids"], features))  # [1,L,D]

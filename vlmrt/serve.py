@@ -1,7 +1,7 @@
 """`vlmrt serve`: an OpenAI-compatible HTTP server over the engine (continuous batching).
 
 A thin adapter on an established ASGI stack (FastAPI, served by uvicorn; the `vlmrt[serve]`
-extra): decode a request into (conversation, image, GenerationConfig), hand it to the engine loop
+extra): decode a request into (conversation, images, GenerationConfig), hand it to the engine loop
 (vlmrt/serve_loop.py), encode the answer in the shape of OpenAI's chat completions API
 (platform.openai.com/docs/api-reference/chat: the request fields, the `chat.completion` object,
 `chat.completion.chunk` Server-Sent Events ending in `data: [DONE]`). Modelled on vLLM's OpenAI
@@ -11,8 +11,9 @@ server: abort on disconnect, `--allowed-local-media-path`, `--api-key`, `/metric
  uvicorn (asyncio)                                            engine thread
  POST /v1/chat/completions
    body (size limit 413, read timeout 408) ─► JSON ─► ChatRequest:
-     messages ─► Conversation (the family's template renders it), image (data: URL, or a file
-     under --allowed-local-media-path), GenerationConfig            ─► EngineLoop.submit (503 if full)
+     messages ─► Conversation (the family's template renders it), images in their user turns (data:
+     URLs, or files under --allowed-local-media-path; up to the family's max_images),
+     GenerationConfig                                                ─► EngineLoop.submit (503 if full)
    Answer (the ASGI response): watches the connection from submit to its last byte
    ◄── job.queue: ("text", piece)* then ("done", answer) | ("error", HttpError) ◄── engine.step()
    client gone or --request-timeout passed ─► EngineLoop.abort ─► engine.abort before the next step
@@ -40,7 +41,6 @@ from vlmrt.serve_options import ServeOptions  # noqa: F401 (part of this module'
 
 CHAT_PATH = "/v1/chat/completions"
 MAX_CHOICES = 16  # `n`: each choice is one engine request
-MAX_IMAGES = 1  # per request: every family's processor (vlmrt/processor.py) places one image per prompt
 EXTRA = "serve"  # pip install 'vlmrt[serve]'
 _UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
                 "logit_bias": {}, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
@@ -71,7 +71,7 @@ class ChatRequest:
     """One decoded chat completions request."""
 
     prompt: Conversation
-    image: object  # RGB PIL image, or None (text only)
+    image: object  # RGB PIL image, a list of them (several, in order), or None (text only)
     config: GenerationConfig
     stream: bool
     include_usage: bool  # stream_options.include_usage: one more chunk, with usage
@@ -95,11 +95,12 @@ def parse_chat_request(body, pipeline, model_name: str, media: MediaPolicy | Non
     if fmt not in (None, {"type": "text"}):
         raise HttpError(400, "`response_format` is not supported by vlmrt (no JSON mode); leave it out or use "
                              '{"type": "text"}')
-    conversation, url = conversation_and_image(body.get("messages"))
+    conversation, urls = conversation_and_images(body.get("messages"), pipeline.processor.spec.max_images, model_name)
     config = generation_config(body, pipeline)
     stream = _field(body, "stream", False, bool, lambda v: True, "true or false")
     options = _field(body, "stream_options", {}, dict, lambda v: True, 'an object, e.g. {"include_usage": true}')
-    image = load_image_url(url, media) if url else None
+    images = [load_image_url(url, media) for url in urls]
+    image = None if not images else images[0] if len(images) == 1 else images
     n = _field(body, "n", 1, int, lambda v: 1 <= v <= MAX_CHOICES, f"an integer in [1, {MAX_CHOICES}]")
     if n > 1 and config.num_beams > 1:
         raise HttpError(400, "`n` > 1 with `num_beams` > 1 is not served (beam search gives one answer); leave one out")
@@ -115,12 +116,19 @@ def choice_config(config: GenerationConfig, index: int) -> GenerationConfig:
     return replace(config, seed=(config.seed + index) % 2**63)
 
 
-def conversation_and_image(messages) -> tuple[Conversation, str | None]:
-    """OpenAI messages -> a Conversation (system, user and assistant turns in order) and the URL of
-    its one image (None: text only)."""
+def conversation_and_images(messages, max_images: int = 1, model_name: str = "this model"
+                            ) -> tuple[Conversation, list[str]]:
+    """OpenAI messages -> a Conversation (system, user and assistant turns in order; each image in
+    the turn of its message) and the URLs of its images, in order (none: text only).
+
+    Args:
+        messages: the request's `messages`.
+        max_images: the most images the family places in one prompt (`ProcessorSpec.max_images`).
+        model_name: named in the error for too many images.
+    """
     if not isinstance(messages, list) or not messages:
         raise HttpError(400, '`messages` must be a non-empty list, e.g. [{"role": "user", "content": [...]}]')
-    systems, turns, urls, image_turn = [], [], [], -1
+    systems, turns, urls, image_turns = [], [], [], []
     for m in messages:
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "developer", "user", "assistant"):
@@ -130,8 +138,7 @@ def conversation_and_image(messages) -> tuple[Conversation, str | None]:
         if role in ("system", "developer"):
             systems.append("\n".join(texts))
             continue
-        if images:
-            image_turn = len(turns)
+        image_turns += [len(turns)] * len(images)
         urls += images
         turns.append((role, "\n".join(t for t in texts if t.strip())))
     if not any(r == "user" for r, _ in turns):
@@ -139,14 +146,17 @@ def conversation_and_image(messages) -> tuple[Conversation, str | None]:
     if turns[-1][0] != "user":
         raise HttpError(400, "the last message must be the user's (the model answers it); drop the trailing "
                              "assistant message")
-    if len(urls) > MAX_IMAGES:
-        raise HttpError(400, f"the messages have {len(urls)} images; the families vlmrt runs take at most "
-                             f"{MAX_IMAGES} image per request (in any user message; their processors place one image "
-                             "per prompt): send one {\"type\": \"image_url\"} part, or one request per image")
+    if len(urls) > max_images:
+        most = f"{max_images} image" + ("s" if max_images > 1 else "")
+        raise HttpError(400, f"the messages have {len(urls)} images; {model_name} takes at most {most} per request "
+                             "(in any user messages): send fewer {\"type\": \"image_url\"} parts, or split the "
+                             "request")
     if not turns[-1][1]:
         raise HttpError(400, 'the last user message has no question; add a {"type": "text", "text": ...} part')
     system = "\n".join(systems) if systems else None
-    return Conversation(tuple(turns), system, image_turn), (urls[0] if urls else None)
+    if len(urls) > 1:
+        return Conversation(tuple(turns), system, image_turns=tuple(image_turns)), urls
+    return Conversation(tuple(turns), system, image_turns[0] if urls else -1), urls
 
 
 def _content(content, role: str) -> tuple[list[str], list[str]]:

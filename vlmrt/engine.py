@@ -282,14 +282,21 @@ class Engine:
 
     def _encode(self, batch: dict):
         """The vision stage's output for a one-row batch (None: text only). Several images of the
-        prompt (pixel_values [N,3,S,S]) go through it one at a time, as the single images a compiled
-        vision graph and the image cache know, and come out as one row [1,N*Q,D], in order."""
-        pixels, rt = batch.get("pixel_values"), self.runtime
+        prompt (pixel_values [N,...], named vision inputs [N,...]) go through it one at a time, as
+        the single images a compiled vision graph and the image cache know, each cut to its
+        `image_tokens` real features when the processor gives them (padding chunks), and come out
+        as one row [1,sum Q_i,D], in order."""
+        pixels, rt, named = batch.get("pixel_values"), self.runtime, vision_inputs(batch)
         if pixels is None:
             return None
         if pixels.shape[0] == batch["input_ids"].shape[0]:
-            return rt.encode_images(pixels, **vision_inputs(batch))
-        return torch.cat([rt.encode_images(pixels[i:i + 1]) for i in range(pixels.shape[0])], dim=1)  # [1,N*Q,D]
+            return rt.encode_images(pixels, **named)
+        counts = batch.get("image_tokens")  # [N] or None (every feature is real)
+        feats = [rt.encode_images(pixels[i:i + 1], **{k: v[i:i + 1] for k, v in named.items()})  # [1,Q_i,D]
+                 for i in range(pixels.shape[0])]
+        if counts is not None:
+            feats = [f[:, :int(n)] for f, n in zip(feats, counts.tolist())]
+        return torch.cat(feats, dim=1)  # [1,sum Q_i,D]
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()

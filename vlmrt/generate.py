@@ -218,8 +218,10 @@ def decode_one_token(runtime: StageRunner, tokens, position, attention_mask_full
 
 
 def vision_inputs(batch: dict) -> dict:
-    """Batch entries other than the standard ones go to the vision stage by name (e.g. image_grid_thw)."""
-    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "pixel_values", "position_ids")}
+    """Batch entries other than the standard ones go to the vision stage by name (e.g. image_grid_thw);
+    `image_tokens` (several images of one prompt: the real features of each) is the engine's."""
+    return {k: v for k, v in batch.items()
+            if k not in ("input_ids", "attention_mask", "pixel_values", "position_ids", "image_tokens")}
 
 
 def prompt_positions(batch: dict) -> torch.Tensor:

@@ -246,18 +246,17 @@ class Processor:
             return self.left_pad([self.text_ids(p) for p in prompts])
         if any(im is None for im in images):
             raise VlmrtError("a batch mixes rows with and without an image; run text-only prompts apart")
-        if self.spec.batch_hook:  # the family builds the batch (and may add named vision inputs)
-            import importlib
-
-            module, func = self.spec.batch_hook.split(":")
-            return getattr(importlib.import_module(module), func)(self, images, prompts)
+        if self.spec.batch_hook:
+            return self._hook(images, prompts)
         pixels = torch.stack([image_to_pixels(load_image(im), self.spec) for im in images])
         return {**self.left_pad([self.prompt_ids(p) for p in prompts]), "pixel_values": pixels}
 
     def several_images(self, images: list, prompt: "str | Conversation") -> dict:
         """One prompt with N images, each in the family's markup in its own user turn (a question:
         all in its one turn) -> input_ids [1,T], attention_mask [1,T], pixel_values [N,3,S,S]; the
-        embedding stage takes the N images' features as one row, [1,N*Q,D], filled in order."""
+        embedding stage takes the N images' features as one row, [1,N*Q,D], filled in order. A
+        family's batch hook gets the list as the row's image (and may add `image_tokens` [N]: how
+        many of each image's features are real, the rest being padding)."""
         spec = self.spec
         if len(images) > spec.max_images:
             raise VlmrtError(f"got {len(images)} images for one prompt; this model takes at most {spec.max_images} "
@@ -273,10 +272,17 @@ class Processor:
                              "give one image per image_turns entry")
         if len(images) == 1:
             return self([images[0]], [prompt])
-        if spec.batch_hook:
-            raise VlmrtError("this model takes one image per prompt")  # a hook family sets max_images 1
+        if spec.batch_hook:  # the hook takes the row's list of images itself
+            return self._hook([list(images)], [prompt])
         pixels = torch.stack([image_to_pixels(load_image(im), spec) for im in images])  # [N,3,S,S]
         return {**self.left_pad([self.prompt_ids(prompt)]), "pixel_values": pixels}
+
+    def _hook(self, images: list, prompts: list) -> dict:
+        """The family builds the batch (and may add named vision inputs)."""
+        import importlib
+
+        module, func = self.spec.batch_hook.split(":")
+        return getattr(importlib.import_module(module), func)(self, images, prompts)
 
     def left_pad(self, rows: list[list[int]]) -> dict:
         """Token id rows -> input_ids [B,T] left-padded with `pad_token_id`, attention_mask [B,T]."""

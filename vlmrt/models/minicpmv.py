@@ -50,6 +50,7 @@ SPECIAL_TOKENS = {0: "<unk>", 1: "<s>", 2: "</s>", 101: "<image>", 102: "</image
                   111: "<slice>", 112: "</slice>"}  # SPEC 2.6
 TEMPLATE = "<用户>(<image>./</image>)\n{prompt}<AI>"  # the placeholder is the July 2024 processor's marker
 PLACEHOLDER = "(<image>./</image>)"
+MAX_IMAGES = 4  # per prompt, each with its own slices (the July 2024 processor's markers, one per image)
 CHAT = ChatTemplate("<用户>{content}", "<AI>{content}", "<AI>", PLACEHOLDER + "\n")  # no system role (SPEC 2.6)
 
 
@@ -325,6 +326,7 @@ class MiniCPMVForConditionalGeneration(nn.Module):
             image_token_id=self.image_token_id, num_image_tokens=cfg.query_num,
             mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), stop_token_ids=((2,),),
             batch_hook="vlmrt.models.minicpmv:build_batch", hook_options=tuple(asdict(cfg.slicing).items()), chat=CHAT,
+            max_images=MAX_IMAGES,
         )
 
     @staticmethod
@@ -413,11 +415,15 @@ def pack_chunk(img, s: SliceConfig, spec: ProcessorSpec):
     return canvas.reshape(3, s.canvas_rows * p, s.canvas_cols * p), coords, weights
 
 
-def _prompt_ids(processor, prompt: str, grid, n_chunks: int, s: SliceConfig) -> list[int]:
+def _prompt_ids(processor, prompt: str, grids: list, n_chunks: int, s: SliceConfig) -> list[int]:
+    """The rendered prompt's ids, its k-th image placeholder written as the k-th image's markup."""
     spec, tok = processor.spec, processor.tokenizer
     if any(m in prompt for m in (*MARKUP, "<unk>")):
         raise VlmrtError("the prompt contains MiniCPM-V image markup (<image>, </image>, <slice>, </slice>, <unk>); remove it")
-    text = processor.render(prompt).replace(spec.image_placeholder, image_markup(grid, s.query_num), 1)
+    parts = processor.render(prompt).split(spec.image_placeholder)
+    if len(parts) != len(grids) + 1:
+        raise VlmrtError(f"the prompt places {len(parts) - 1} images but {len(grids)} were given")
+    text = parts[0] + "".join(image_markup(g, s.query_num) + p for g, p in zip(grids, parts[1:]))
     bos = [tok.bos_token_id] if spec.add_bos and tok.bos_token_id is not None else []
     ids = bos + tok(text, add_special_tokens=False).input_ids
     found = sum(i == spec.image_token_id for i in ids)
@@ -436,11 +442,31 @@ def build_batch(processor, images: list, prompts: list[str]) -> dict:
     s = SliceConfig.from_options(processor.spec.hook_options)
     if not images:
         raise VlmrtError("no images given; pass at least one image")
+    if isinstance(images[0], list):  # one prompt, several images
+        return _several_images(processor, images[0], prompts[0], s)
     rows, packed = [], []
     for image, prompt in zip(images, prompts):
         chunks, grid = slice_image(load_image(image), s)
-        rows.append(_prompt_ids(processor, prompt, grid, len(chunks), s))
+        rows.append(_prompt_ids(processor, prompt, [grid], len(chunks), s))
         packed.append([pack_chunk(c, s, processor.spec) for c in chunks])
+    return {**processor.left_pad(rows), **_pack(packed, s)}
+
+
+def _several_images(processor, images: list, prompt, s: SliceConfig) -> dict:
+    """One prompt with N images: input_ids [1,T] with each image's markup in its place, the images as
+    N vision rows (pixel_values [N,3,Hc,K*Wc] ...) and image_tokens [N] (real chunks x query_num)."""
+    from vlmrt.processor import load_image
+
+    sliced = [slice_image(load_image(im), s) for im in images]
+    ids = _prompt_ids(processor, prompt, [g for _, g in sliced], sum(len(c) for c, _ in sliced), s)
+    packed = [[pack_chunk(c, s, processor.spec) for c in chunks] for chunks, _ in sliced]
+    counts = torch.tensor([len(chunks) * s.query_num for chunks, _ in sliced])
+    return {**processor.left_pad([ids]), **_pack(packed, s), "image_tokens": counts}
+
+
+def _pack(packed: list, s: SliceConfig) -> dict:
+    """Chunks per vision row -> padded to a common bucket K: pixel_values [R,3,Hc,K*Wc],
+    patch_coords [R,K*L,2], patch_pos_weights [R,K*L,2G]."""
     most = max(len(c) for c in packed)
     k = min((n for n in s.chunk_buckets if n >= most), default=most)  # static shapes: few K values
     p = s.patch_size
@@ -448,7 +474,6 @@ def build_batch(processor, images: list, prompts: list[str]) -> dict:
            torch.zeros(s.capacity, 2 * s.pos_grid))
     padded = [c + [pad] * (k - len(c)) for c in packed]
     return {
-        **processor.left_pad(rows),
         "pixel_values": torch.stack([torch.cat([c[0] for c in row], dim=2) for row in padded]),  # [B,3,Hc,K*Wc]
         "patch_coords": torch.stack([torch.cat([c[1] for c in row]) for row in padded]),  # [B,K*L,2]
         "patch_pos_weights": torch.stack([torch.cat([c[2] for c in row]) for row in padded]),  # [B,K*L,2G]

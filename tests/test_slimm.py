@@ -143,6 +143,20 @@ def test_mrope_positions_match_get_rope_index(hf_release, hf_inputs):
     assert text[:, 1].tolist() == [list(range(5))] * 3 and text[:, 0, 2:].tolist() == [list(range(3))] * 3
 
 
+def test_two_images_in_one_row_match_transformers(hf_release, hf_inputs):
+    hf, folder = hf_release
+    rows, grid, _, _ = hf_inputs  # grids (1,4,6) then (1,2,2): 6 and 1 slots
+    ids, am = batch_of([image_row(6, 3, 2) + image_row(1, 0, 4)])
+    pos = mrope_position_ids(ids, am, [tuple(g) for g in grid.tolist()], 2)
+    assert torch.equal(pos, hf_rope_index(hf, ids, grid, am))
+    m = load_model(str(folder)).model
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=am, pixel_values=rows, image_grid_thw=grid,
+                 position_ids=hf_rope_index(hf, ids, grid, am)).logits
+        got, _, _ = run_prefill(m, ids, am, pos, m.encode_images(rows, grid))
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=1e-4)
+
+
 def test_prefill_and_a_decode_step_match_transformers(hf_release, hf_inputs):
     hf, folder = hf_release
     rows, grid, ids, am = hf_inputs

@@ -282,21 +282,23 @@ class Engine:
 
     def _encode(self, batch: dict):
         """The vision stage's output for a one-row batch (None: text only). Several images of the
-        prompt (pixel_values [N,...], named vision inputs [N,...]) go through it one at a time, as
-        the single images a compiled vision graph and the image cache know, each cut to its
-        `image_tokens` real features when the processor gives them (padding chunks), and come out
-        as one row [1,sum Q_i,D], in order."""
+        prompt as a batch of images (pixel_values [N,3,H,W], named vision inputs [N,...]) go through
+        it one at a time, as the single images a compiled vision graph and the image cache know,
+        each cut to its `image_tokens` real features when the processor gives them (padding
+        chunks), and come out as one row [1,sum Q_i,D], in order (each output tensor joined on its
+        token axis, -2). Patch rows (SliMM's [N_patches,P] + grids) take every image in one call."""
         pixels, rt, named = batch.get("pixel_values"), self.runtime, vision_inputs(batch)
         if pixels is None:
             return None
-        if pixels.shape[0] == batch["input_ids"].shape[0]:
+        if pixels.dim() != 4 or pixels.shape[0] == batch["input_ids"].shape[0]:
             return rt.encode_images(pixels, **named)
         counts = batch.get("image_tokens")  # [N] or None (every feature is real)
         feats = [rt.encode_images(pixels[i:i + 1], **{k: v[i:i + 1] for k, v in named.items()})  # [1,Q_i,D]
                  for i in range(pixels.shape[0])]
-        if counts is not None:
-            feats = [f[:, :int(n)] for f, n in zip(feats, counts.tolist())]
-        return torch.cat(feats, dim=1)  # [1,sum Q_i,D]
+        cut = (lambda t, i: t[..., :int(counts[i]), :]) if counts is not None else (lambda t, i: t)
+        if isinstance(feats[0], dict):  # e.g. {image_features [1,Q,D], deepstack_features [K,1,Q,D]}
+            return {k: torch.cat([cut(f[k], i) for i, f in enumerate(feats)], dim=-2) for k in feats[0]}
+        return torch.cat([cut(f, i) for i, f in enumerate(feats)], dim=-2)  # [1,sum Q_i,D]
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()

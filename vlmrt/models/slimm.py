@@ -287,8 +287,11 @@ class SliMMForConditionalGeneration(Qwen2VLDecoder):
 
 
 # ----------------------------------------------------------------------------- processing
+MAX_IMAGES = 4  # per prompt: each its own <|vision_start|>..<|vision_end|> span and M-RoPE grid (Qwen2-VL's layout)
+
+
 def processor_spec(cfg: SliMMConfig) -> ProcessorSpec:
-    """The chat template with one image, stop ids 151645/151643, and the batch hook's options."""
+    """The chat template, stop ids 151645/151643, and the batch hook's options."""
     v = cfg.vision
     options = {"dynamic": cfg.dynamic, "patch_size": cfg.processor_patch, "merge_size": v.spatial_merge_size,
                "temporal_patch_size": v.temporal_patch_size, "min_pixels": cfg.min_pixels,
@@ -297,7 +300,7 @@ def processor_spec(cfg: SliMMConfig) -> ProcessorSpec:
         image_size=cfg.image_size, template=TEMPLATE, image_placeholder="<|image_pad|>",
         image_token_id=IMAGE_PAD, num_image_tokens=cfg.num_image_tokens, add_bos=False,
         stop_token_ids=((IM_END,), (ENDOFTEXT,)), batch_hook="vlmrt.models.slimm:build_batch",
-        hook_options=tuple(options.items()), chat=CHAT,
+        hook_options=tuple(options.items()), chat=CHAT, max_images=MAX_IMAGES,
     )
 
 
@@ -370,22 +373,27 @@ def mrope_position_ids(input_ids, attention_mask, grids, merge: int, image_token
 
 def build_batch(processor: Processor, images: list, prompts: list[str]) -> dict:
     """The SliMM processor (ProcessorSpec.batch_hook): per image, pixels at its own resolution; the
-    prompt with grid/merge^2 `<|image_pad|>` ids; M-RoPE position_ids [3,B,T]; patch rows [N,P] +
+    prompt with grid/merge^2 `<|image_pad|>` ids per image (a row's image may be a list: several, in
+    a batch of one row); M-RoPE position_ids [3,B,T]; patch rows [N,P] +
     image_grid_thw [B,3] (dynamic presets) or pixel_values [B,3,S,S] (fixed presets). Left-padded."""
     spec = processor.spec
     o = dict(spec.hook_options)
     p, m = o["patch_size"], o["merge_size"]
-    pixels = [image_pixels(load_image(im), spec) for im in images]  # each [3,H,W]
+    per_row = [im if isinstance(im, list) else [im] for im in images]  # a list: one prompt's several images
+    pixels = [image_pixels(load_image(im), spec) for row in per_row for im in row]  # each [3,H,W]
     grids = [(1, x.shape[1] // p, x.shape[2] // p) for x in pixels]
-    rows = []
-    for prompt, (t, h, w) in zip(prompts, grids):
-        text = processor.render(prompt)
-        if text.count(spec.image_placeholder) != 1:
+    rows, next_grid = [], iter(grids)
+    enc = lambda s: processor.tokenizer(s, add_special_tokens=False).input_ids if s else []
+    for prompt, row in zip(prompts, per_row):
+        parts = processor.render(prompt).split(spec.image_placeholder)
+        if len(parts) != len(row) + 1:
             raise VlmrtError(f"the prompt must not contain {spec.image_placeholder}; the image goes where the "
                              "template puts it")
-        before, after = text.split(spec.image_placeholder)
-        enc = lambda s: processor.tokenizer(s, add_special_tokens=False).input_ids if s else []
-        rows.append(enc(before) + [spec.image_token_id] * (t * h * w // (m * m)) + enc(after))
+        ids = enc(parts[0])
+        for part in parts[1:]:  # each image's grid/merge^2 slots, in order
+            t, h, w = next(next_grid)
+            ids += [spec.image_token_id] * (t * h * w // (m * m)) + enc(part)
+        rows.append(ids)
     n = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), n), processor.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), n), dtype=torch.long)

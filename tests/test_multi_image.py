@@ -104,6 +104,8 @@ def test_too_many_images_and_a_count_mismatch_are_refused(pipe, images):
         pipe.processor.several_images([images[0]] * (limit + 1), "Compare.")
     with pytest.raises(VlmrtError, match="places 2 images but 1"):
         pipe.processor.several_images(images[:1], TWO)
+    with pytest.raises(VlmrtError, match="only be in a user message"):
+        pipe.processor.several_images(images, Conversation(TURNS, image_turns=(0, 1)))
     with pytest.raises(VlmrtError, match="run on the engine only"):
         pipe([images], ["Compare."], pipe.generation_config(num_beams=2, max_new_tokens=2))
 

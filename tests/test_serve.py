@@ -310,11 +310,12 @@ def test_history_and_a_system_message_go_through_the_family_s_template(server, p
     assert ref.row_prompt_tokens[0] < alone(pipe, photo, "Of whom?").row_prompt_tokens[0]  # the short system replaced the default
 
 
-def test_images_in_two_user_messages_go_each_in_its_turn(server, pipe, photo):
+def test_images_in_two_user_messages_go_each_in_its_turn(server, pipe):
     from vlmrt.processor import Conversation
     from vlmrt.serve_media import load_image_url
 
-    urls = [data_url(photo), _noise_url(3)]
+    urls = [_noise_url(5), _noise_url(6)]  # images no other test sends: both miss the image cache
+    before = request(server, "/metrics")[2].decode()
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[0]}},
                                              {"type": "text", "text": "What is this?"}]},
                 {"role": "assistant", "content": "A photo."},
@@ -326,6 +327,8 @@ def test_images_in_two_user_messages_go_each_in_its_turn(server, pipe, photo):
     ref = pipe([images], [conv], pipe.generation_config(max_new_tokens=TOKENS))
     assert status == 200 and out["choices"][0]["message"]["content"] == ref.texts[0]
     assert out["usage"]["prompt_tokens"] == ref.row_prompt_tokens[0]
+    after = request(server, "/metrics")[2].decode()
+    assert _metric(after, "vlmrt_image_cache_misses") - _metric(before, "vlmrt_image_cache_misses") == 2  # one each
     one = pipe([images[0]], [Conversation(conv.turns, image_turn=0)], pipe.generation_config(max_new_tokens=1))
     assert ref.row_prompt_tokens[0] > one.row_prompt_tokens[0] + pipe.processor.spec.num_image_tokens  # both images in
 

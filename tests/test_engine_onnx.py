@@ -118,34 +118,73 @@ def test_the_pool_is_written_in_place_like_eagers(pipes, photo):
             assert tensor_error(a[r, :, :s.used], b[r, :, :s.used])["rel"] <= RTOL
 
 
-def test_pipeline_and_cli_run_onnx_on_the_engine_and_beams_on_the_loop(pipes, photo, tmp_path_factory, capsys):
+def test_pipeline_runs_onnx_on_the_engine_and_beams_on_the_loop(pipes, photo):
     eager, onnx = pipes
     cfg = onnx.generation_config(max_new_tokens=6, stop_strings=(), stop_token_ids=())
     out = onnx([photo, photo], PROMPTS[:2], cfg)
     assert onnx._engine is not None and out.token_ids == eager([photo, photo], PROMPTS[:2], cfg).token_ids
     beams = replace(cfg, num_beams=2)
     assert onnx([photo], PROMPTS[2:], beams).token_ids == eager([photo], PROMPTS[2:], beams).token_ids
-    if eager.loaded.name != "minigpt4-tiny":
-        return
+
+
+def test_cli_runs_an_export_on_the_engine(photo, tmp_path_factory, capsys):
+    """`vlmrt run --model EXPORT` is on the engine: the engine's KV budget check answers (the run
+    itself is tests/test_onnx_export.py's)."""
     from vlmrt.cli import main
 
-    folder = exported(eager.loaded.name, tmp_path_factory)
-    assert main(["run", "--model", str(folder), "--runtime", "onnx", "--image", str(photo), "--prompt", "Hi",
-                 "--max-new-tokens", "3", "--kv-cache-gib", "0.01"]) == 0
-    assert main(["run", "--model", str(folder), "--runtime", "onnx", "--image", str(photo), "--prompt", "Hi",
-                 "--kv-cache-gib", "1e-9"]) == 2  # the engine's budget check: it is on the engine
+    folder = str(exported("minigpt4-tiny", tmp_path_factory))
+    assert main(["run", "--model", folder, "--runtime", "onnx", "--image", str(photo), "--prompt", "Hi",
+                 "--kv-cache-gib", "1e-9"]) == 2
     assert "raise --kv-cache-gib" in capsys.readouterr().err
 
 
-def test_an_export_without_a_slot_decoder_has_no_engine_steps(pipes, monkeypatch):
-    """A decoder without per-row slots (exports of earlier versions; static-shape exports, whose
-    runtime tests/test_static_export.py runs through Pipeline) has no engine steps: `hasattr` is
-    False, so Pipeline keeps the lock-step loop and the engine refuses it with a clear error."""
-    eager, onnx = pipes
-    if eager.loaded.name != "minigpt4-tiny":
-        pytest.skip("one family is enough for the capability switch")
-    assert hasattr(onnx.runtime, "run_step") and hasattr(onnx.runtime, "allocate_slots")
-    monkeypatch.setattr(onnx.runtime, "slot_decoder", False)
+class _ConcatDecoder(torch.nn.Module):
+    """The decoder form of earlier exports: pasts [B,H_kv,P,hd] in, presents [B,H_kv,P+T,hd] out."""
+
+    stage = "decoder"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.output_names = ["logits"] + [f"present.{i}.{kv}" for i in range(model.num_layers) for kv in ("key", "value")]
+
+    def forward(self, embeds, positions, mask, *pasts):
+        from vlmrt.kv_cache import ConcatKVCache
+
+        cache = ConcatKVCache(list(pasts[0::2]), list(pasts[1::2]))
+        slots = torch.arange(embeds.shape[1]) + pasts[0].shape[2]  # [T]: P..P+T-1
+        logits = self.model.decode(embeds, positions, mask, slots, cache, logits_at=(slots[-1] - slots[0]).reshape(1))
+        return (logits, *[t for i in range(len(cache.keys)) for t in (cache.keys[i], cache.values[i])])
+
+
+def test_an_export_of_the_concatenating_form_runs_the_lock_step_loop(photo, tmp_path, tmp_path_factory):
+    """A folder whose decoder concatenates pasts (as exports of earlier versions did) has no engine
+    steps, so Pipeline runs it on the lock-step loop: the eager runtime's tokens, beams included."""
+    import shutil
+
+    from vlmrt.export.manifest import read_manifest, write_manifest
+    from vlmrt.export.onnx import StageIO, export_stage
+
+    loaded = load_tiny("minigpt4-tiny")
+    folder = shutil.copytree(exported(loaded.name, tmp_path_factory), tmp_path / "old")
+    m = loaded.model
+    b, t, past = 2, 5, 3
+    inputs = {"inputs_embeds": torch.randn(b, t, 32), "position_ids": torch.arange(past, past + t).expand(b, -1),
+              "attention_mask": torch.ones(b, past + t, dtype=torch.long)}
+    for i in range(m.num_layers):
+        for kv in ("key", "value"):
+            inputs[f"past_key_values.{i}.{kv}"] = torch.randn(b, m.num_kv_heads, past, m.head_dim)
+    axes = {"inputs_embeds": {0: "batch", 1: "sequence"}, "position_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"}, "logits": {0: "batch"},
+            **{k: {0: "batch", 2: "past_sequence"} for k in inputs if k.startswith("past_")},
+            **{k: {0: "batch", 2: "total_sequence"} for k in _ConcatDecoder(m).output_names[1:]}}
+    info = export_stage(_ConcatDecoder(m), StageIO(inputs, axes), folder, 17, lambda _: None)
+    old = read_manifest(folder)
+    write_manifest(folder, replace(old, stages={**old.stages, "decoder": info}))
+    onnx, eager = Pipeline(load_model(str(folder)), "onnx"), Pipeline(loaded, "eager")
     assert not hasattr(onnx.runtime, "run_step") and not hasattr(onnx.runtime, "allocate_slots")
     with pytest.raises(VlmrtError, match="does not run engine steps"):
         Engine(onnx.runtime, onnx.processor, onnx.generation_config())
+    cfg = onnx.generation_config(max_new_tokens=6, stop_strings=(), stop_token_ids=())
+    for c in (cfg, replace(cfg, num_beams=2)):
+        assert onnx([photo, photo], PROMPTS[:2], c).token_ids == eager([photo, photo], PROMPTS[:2], c).token_ids

@@ -97,6 +97,23 @@ def _check_weights(manifest, asked, folder) -> None:
                          f"`vlmrt export MODEL --out DIR --quantize {want}` (or leave --quantize out)")
 
 
+class _engine_step:
+    """A method of engine steps that exists only when the export's decoder takes per-row cache slots:
+    for other exports (static-shape ones, those of earlier vlmrt versions) reading it raises
+    AttributeError, so `hasattr(runtime, "run_step")` is False and Pipeline keeps the lock-step loop.
+    A non-data descriptor: an instance attribute of the same name (a test's monkeypatch) wins."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, runtime, owner=None):
+        if runtime is None:
+            return self
+        runtime._need_slot_decoder()
+        return self.fn.__get__(runtime, owner)
+
+
 class OnnxRuntime:
     """Runs an export with ONNX Runtime (see the module docstring).
 
@@ -313,38 +330,28 @@ class OnnxRuntime:
         return torch.from_numpy(k.numpy()), torch.from_numpy(v.numpy())
 
     # ------------------------------------------------------------------ engine steps (vlmrt/engine.py)
-    @property
-    def allocate_slots(self):
-        """`allocate_slots(num_slots, max_seq) -> SlotKVCache`: the engine's KV pool, torch buffers
-        [num_slots,H_kv,max_seq+1,hd] per layer that every step binds by pointer. A property, absent
-        (AttributeError, so `hasattr` is False and Pipeline keeps the lock-step loop) for exports
-        without a slot decoder: earlier vlmrt versions and static-shape exports."""
-        self._need_slot_decoder()
-        return self._allocate_slots
-
-    @property
-    def run_step(self):
-        """`run_step(StepInputs) -> logits [n,V]`: one engine decoder call over pool rows [start, stop)
-        (absent like `allocate_slots`)."""
-        self._need_slot_decoder()
-        return self._run_step
-
-    def _need_slot_decoder(self) -> None:
-        if not self.slot_decoder:
-            raise AttributeError(f"{self.folder}'s decoder takes no per-row cache slots (a static-shape export, or "
-                                 "one of an earlier vlmrt); export the model again to run it on the engine")
-
-    def _allocate_slots(self, num_slots: int, max_seq: int) -> SlotKVCache:
+    @_engine_step
+    def allocate_slots(self, num_slots: int, max_seq: int) -> SlotKVCache:
+        """The engine's KV pool: torch buffers [num_slots,H_kv,max_seq+1,hd] per layer, allocated once,
+        that every step binds by pointer."""
         m = self.model
         self.pool = SlotKVCache(m.num_layers, num_slots, m.num_kv_heads, max_seq, m.head_dim, self.dtype, self.device)
         return self.pool
 
-    def _run_step(self, step) -> torch.Tensor:
+    @_engine_step
+    def run_step(self, step) -> torch.Tensor:
+        """One engine decoder call (`vlmrt.engine.StepInputs`) over pool rows [start, stop) -> logits
+        [n,V] at `logits_at` (the only position when T = 1)."""
         n, t = step.stop - step.start, step.inputs_embeds.shape[1]
         at = torch.zeros(n, dtype=torch.long) if step.logits_at is None else step.logits_at.reshape(-1).expand(n)
         values = {INPUTS_EMBEDS: step.inputs_embeds, POSITION_IDS: step.position_ids, ATTENTION_MASK: step.attention_mask,
                   CACHE_POSITION: step.cache_position.reshape(n, t), LOGITS_INDEX: at, **step.extras}
         return self._decode_rows(self.pool, step.start, step.stop, values)[:, -1]  # [n,V]
+
+    def _need_slot_decoder(self) -> None:
+        if not self.slot_decoder:
+            raise AttributeError(f"{self.folder}'s decoder takes no per-row cache slots (a static-shape export, or "
+                                 "one of an earlier vlmrt); export the model again to run it on the engine")
 
     def synchronize(self) -> None:
         """Nothing to wait for: every run returns when its outputs are ready."""

@@ -13,7 +13,7 @@ sampling, stops: ms per step). Run it with this checkout on PYTHONPATH for the s
 an earlier checkout (whose export concatenates pasts) for the old lock-step figure: modes that the
 checkout lacks are skipped. Use a fresh VLMRT_CACHE per checkout (the exports differ).
 
-    VLMRT_CACHE=/tmp/c python bench/onnx_engine_steps.py [--preset minigpt4-tiny] [--batch 8] [--new-tokens 48]
+    VLMRT_CACHE=/tmp/c python bench/onnx_engine_steps.py [--preset minigpt4-tiny] [--batch 8] [--new-tokens 48] [--threads 1]
 """
 
 from __future__ import annotations
@@ -82,17 +82,18 @@ class _Clocked:
         return out
 
 
-def engine(pipe, cfg, batch_size: int, photo) -> dict:
+def engine(pipe, cfg, batch_size: int, photo, max_seq: int | None = None) -> dict:
+    """The requests on the engine; slots of `max_seq` positions (None: the model's context)."""
     from vlmrt.engine import Engine, EngineOptions, Request
 
     calls = []
     e = Engine(_Clocked(pipe.runtime, calls), pipe.processor, pipe.generation_config(),
-               EngineOptions(kv_cache_gib=1, max_slots=batch_size))
+               EngineOptions(kv_cache_gib=1, max_slots=batch_size, max_seq=max_seq))
     t0 = time.perf_counter()
     e.run([Request(PROMPTS[i % len(PROMPTS)], photo, cfg) for i in range(batch_size)])
     total = time.perf_counter() - t0
     return {"decoder_ms": statistics.median(calls), "step_ms": e.timers["decode_s"] * 1e3 / e.timers["decode_steps"],
-            "steps": e.timers["decode_steps"], "wall_s": total}
+            "steps": e.timers["decode_steps"], "wall_s": total, "slot_positions": e.max_seq}
 
 
 def binding(pipe, batch_size: int, max_seq: int, runs: int) -> dict:
@@ -152,7 +153,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--binding-seq", type=int, default=2048, help="slots per row of the binding comparison")
     p.add_argument("--runs", type=int, default=21)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (1: no spinning pool)")
     a = p.parse_args()
+    from vlmrt.config import set_threads
+
+    set_threads(a.threads)
     torch.set_num_threads(1)
     photo = ROOT / "vlmrt" / "assets" / "astronaut.jpg"
     pipe = Pipeline.load(a.preset, runtime="onnx")
@@ -164,6 +169,8 @@ def main() -> None:
     if hasattr(pipe.runtime, "run_step"):
         engine(pipe, cfg, a.batch, photo)  # warm-up
         print("engine  ", engine(pipe, cfg, a.batch, photo), flush=True)
+        need = max(pipe.processor([photo], [p])["input_ids"].shape[1] for p in PROMPTS) + a.new_tokens
+        print("engine, slots of the lock-step length", engine(pipe, cfg, a.batch, photo, need), flush=True)
         print("binding ", binding(pipe, a.batch, a.binding_seq, a.runs), flush=True)
     print(f"load average after {os.getloadavg()[0]:.2f}")
 

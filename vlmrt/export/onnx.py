@@ -69,7 +69,6 @@ from torch import nn
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import MANIFEST, Manifest, StageInfo, TensorInfo, write_manifest
-from vlmrt.export.static_cache import ScatterKVCache, example_inputs
 from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS,
                           LOGITS_INDEX, PIXEL_VALUES, POSITION_IDS, STAGES, past_key_name, past_value_name,
                           present_key_name, present_value_name)
@@ -155,6 +154,8 @@ class StageModule(nn.Module):
         return _flatten(self.model.embed(ids, arg, **named), INPUTS_EMBEDS)
 
     def _decoder(self, named):
+        from vlmrt.export.static_cache import ScatterKVCache  # model code: not imported to run an export
+
         embeds, positions, mask = named.pop(INPUTS_EMBEDS), named.pop(POSITION_IDS), named.pop(ATTENTION_MASK)
         slots, at = named.pop(CACHE_POSITION), named.pop(LOGITS_INDEX)  # [B,T], [B]
         n = self.model.num_layers
@@ -181,6 +182,8 @@ def default_io(stage: str, loaded, upstream: dict[str, torch.Tensor]) -> StageIO
         row = [1] + [loaded.spec.image_token_id] * n + [3, 4, 5]
         ids = torch.tensor([row, [1, 6] + row[1:-1]], device=dev)  # [2,T]: two rows, different text
         return StageIO({INPUT_IDS: ids, **upstream})
+    from vlmrt.export.static_cache import example_inputs
+
     embedded = dict(upstream)  # the embedding stage's outputs: inputs_embeds [2,T,D] (+ extras)
     embeds = embedded.pop(INPUTS_EMBEDS)
     # a cache row longer than the prompt, the rows at different slots: the trace cannot tie S to T

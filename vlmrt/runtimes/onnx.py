@@ -14,9 +14,10 @@ the only module that imports onnxruntime.
 The KV cache is torch memory allocated once (`start`, `allocate_slots`) and bound to the decoder
 graph by pointer with I/O binding: `past_key_values.{i}.*` and `present.{i}.*` of a call are bound
 to the same buffer (rows [start, stop) of the pool: a contiguous block, so no gather either).
-ONNX Runtime's ScatterElements skips its input-to-output copy when the two are one buffer, so a
-step writes only its new keys and values in place: nothing is concatenated, reallocated or copied
-per step (bench/RESULTS.md has the figures). The engine's compaction copies pool rows in torch.
+The CPU provider's ScatterElements skips its input-to-output copy when the two are one buffer, so
+a step writes only its new keys and values in place: nothing is concatenated, reallocated or copied
+per step (bench/RESULTS.md has the figures; GPU providers were not measured). The engine's
+compaction copies pool rows in torch.
 
 Exports of earlier vlmrt versions (a decoder that concatenates pasts: no `cache_position` input)
 still run the lock-step loop, with the presents of one step as the next step's pasts; they have no

@@ -10,7 +10,7 @@ from torch import nn
 from vlmrt.cli import main
 from vlmrt.errors import VlmrtError
 from vlmrt.models import load_model
-from vlmrt.quantize import (QuantizedLinear, WeightConfig, check_supported, decoder_weight_bytes, linear_method,
+from vlmrt.quantize import (QuantizedLinear, WeightConfig, check_supported, decoder_weight_bytes, head_config, linear_method,
                             loaded_for, parse_runtime_spec, parse_weights, quantize_model, select_linears, with_weights)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,6 +89,22 @@ def test_nohead_and_vision_options():
     assert base < vision and any(n.startswith("visual_encoder.") for n in vision - base)
 
 
+def test_int4_keeps_lm_head_at_int8_unless_asked():
+    model = load_model("minigpt4-tiny").model
+    quantize_model(model, parse_weights("int4"))
+    assert model.llama_model.lm_head.method.name == "int8"
+    assert model.llama_model.model.layers[0].mlp.down_proj.method.name == "int4"
+    assert parse_weights("int4") == parse_weights("int4-g32-asym-head8") == WeightConfig("int4", head="int8")
+    assert parse_weights(parse_weights("int4-head4").tag) == parse_weights("int4-head4")
+    model = load_model("minigpt4-tiny").model
+    quantize_model(model, parse_weights("int4-head4"))
+    assert model.llama_model.lm_head.method.name == "int4"
+    with pytest.raises(VlmrtError, match="applies to int4 only"):
+        parse_weights("int8-head4")
+    with pytest.raises(VlmrtError, match="only int4 weights take a head format"):
+        WeightConfig("int8", head="int4")
+
+
 def test_a_model_is_swapped_once():
     model = load_model("minigpt4-tiny").model
     quantize_model(model, WeightConfig("int8"))
@@ -125,9 +141,9 @@ def test_swapped_model_computes_with_its_dequantized_weights(spec):
     this pins that the gap is the format's rounding and nothing else.)"""
     cfg = parse_weights(spec)
     rounded = load_model("minigpt4-tiny")
-    method = linear_method(cfg)
     with torch.no_grad():
         for name in select_linears(rounded.model, cfg):
+            method = linear_method(head_config(cfg) if name.endswith("lm_head") else cfg)  # int4: an int8 head
             lin = rounded.model.get_submodule(name)
             lin.weight = nn.Parameter(method.dequantize(method.quantize(lin.weight), tuple(lin.weight.shape)))
     agree, rel = _agreement(rounded, "eager", cfg)
@@ -147,12 +163,13 @@ def test_onnx_exports_are_cached_per_format_and_int8_is_close_to_fp32(tmp_path, 
     agree, rel = _agreement(base, "onnx", int4)  # int4 runs (the tiny weights are too sensitive for a bound)
     assert 0 < rel < float("inf")
     manifest = read_manifest(cache_folder(with_weights(base, int4)))
-    assert manifest.weights == "int4-g32-asym"
+    assert manifest.weights == "int4-g32-asym-head8"
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(cache_folder(with_weights(base, int4)) / "decoder.onnx"),
-                                        load_external_data=False).graph.node}
-    assert "MatMulNBits" in ops
+    nodes = onnx.load(str(cache_folder(with_weights(base, int4)) / "decoder.onnx"), load_external_data=False).graph.node
+    bits = {("lm_head" in n.name, next(a.i for a in n.attribute if a.name == "bits"))
+            for n in nodes if n.op_type == "MatMulNBits"}
+    assert bits == {(False, 4), (True, 8)}  # the decoder's MatMuls at 4 bits, lm_head at 8
     from vlmrt.runtimes.onnx import OnnxRuntime
 
     def prepacking_off(rt):
@@ -241,7 +258,7 @@ def test_bench_reports_each_format(tmp_path):
                       batches=(1,), new_tokens=4, repeats=1, warmup=0)
     result = run_bench(cfg, log=lambda _: None)
     rows = {r["runtime"]: r for r in result["rows"]}
-    assert [r["weights"] for r in rows.values()] == ["fp", "int8", "int4-g32-asym"]
+    assert [r["weights"] for r in rows.values()] == ["fp", "int8", "int4-g32-asym-head8"]
     assert all(r["error"] is None for r in rows.values())
     assert rows["eager"]["max_logit_error"] == 0 and rows["eager"]["agreement"] == 1
     assert rows["eager:int8"]["max_logit_error"] > 0

@@ -119,6 +119,22 @@ def test_a_seed_reproduces_a_sampled_answer(server, photo):
     assert len(answers) == 1
 
 
+def test_n_choices_are_n_seeded_requests_streamed_or_not(server, photo):
+    body = chat(data_url(photo), temperature=1.0, seed=7)
+    singles = [post(server, {**body, "seed": 7 + i})[1] for i in range(3)]
+    status, out = post(server, {**body, "n": 3})
+    assert status == 200 and [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in out["choices"]] == [s["choices"][0]["message"]["content"] for s in singles]
+    assert out["usage"]["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]  # the prompt counts once
+    assert out["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in singles)
+    chunks, last = stream(server, {**body, "n": 3, "stream_options": {"include_usage": True}})
+    pieces = {i: "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                         if c["choices"] and c["choices"][0]["index"] == i) for i in range(3)}
+    assert last == "data: [DONE]" and pieces == {i: c["message"]["content"] for i, c in enumerate(out["choices"])}
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]) == 3
+    assert chunks[-1]["usage"] == out["usage"]
+
+
 def stream(server, body) -> tuple[list, str]:
     """The decoded `data:` events of a streamed answer, and the last raw event."""
     status, headers, data = request(server, "/v1/chat/completions", {**body, "stream": True})
@@ -166,11 +182,12 @@ BAD = {  # case: (photo -> body, what the message says)
     "no question": (lambda photo: chat(data_url(photo), "  "), "has no question"),
     "undecodable image": (_url("data:image/png;base64," + base64.b64encode(b"not a picture").decode()), "does not hold an image"),
     "bad base64": (_url("data:image/png;base64,@@@@"), "not valid base64"),
-    "remote URL": (_url("https://example.com/cat.png"), "not fetched"),
+    "remote URL": (_url("https://example.com/cat.png"), "--allowed-media-domains HOST"),
     "prompt too long": (lambda photo: chat(data_url(photo), "the " * 600), "shorten the prompt"),
     "bad max_tokens": (lambda photo: chat(data_url(photo), max_tokens=0), "`max_tokens` must be an integer >= 1"),
     "bad temperature": (lambda photo: chat(data_url(photo), temperature="hot"), "`temperature` must be a number"),
-    "n above 1": (lambda photo: chat(data_url(photo), n=2), "`n` is not supported"),
+    "bad n": (lambda photo: chat(data_url(photo), n=0), "`n` must be an integer in [1, 16]"),
+    "n with beams": (lambda photo: chat(data_url(photo), n=2, num_beams=2), "beam search gives one answer"),
     "logprobs": (lambda photo: chat(data_url(photo), logprobs=True), "`logprobs` is not supported"),
     "top_logprobs": (lambda photo: chat(data_url(photo), top_logprobs=2), "`top_logprobs` is not supported"),
     "tools": (lambda photo: chat(data_url(photo), tools=[{"type": "function", "function": {"name": "f"}}]),
@@ -217,6 +234,63 @@ def test_without_the_folder_no_local_file_is_read(pipe, photo):
     with running(pipe, allowed_local_media_path="") as server:
         status, out = post(server, chat(str(photo)))
     assert status == 400 and "not available" in out["error"]["message"]
+
+
+@contextlib.contextmanager
+def image_host(photo):
+    """A loopback HTTP server: /photo.jpg, /slow.jpg (trickles for 2 s), /big.jpg, /moved, /missing."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            try:
+                self._answer()
+            except OSError:  # the fetcher gave up and closed the connection
+                pass
+
+        def _answer(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/photo.jpg")
+                self.end_headers()
+                return
+            body = {"/photo.jpg": photo.read_bytes(), "/slow.jpg": b"x" * 20, "/big.jpg": b"x" * 300_000}.get(self.path)
+            if body is None:
+                return self.send_error(404)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(0, len(body), 1 if self.path == "/slow.jpg" else len(body)):
+                self.wfile.write(body[i:i + (1 if self.path == "/slow.jpg" else len(body))])
+                self.wfile.flush()
+                if self.path == "/slow.jpg":
+                    time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    host.daemon_threads, host.block_on_close = True, False
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{host.server_address[1]}"
+    finally:
+        host.shutdown()
+        host.server_close()
+
+
+def test_http_images_only_from_allowed_hosts_with_a_timeout_and_a_size_limit(pipe, photo):
+    ref = alone(pipe, photo).texts[0]
+    with image_host(photo) as url, running(pipe, allowed_media_domains=("127.0.0.1",), image_fetch_timeout_s=0.5,
+                                           max_body_mib=0.25) as server:
+        status, out = post(server, chat(url + "/photo.jpg"))
+        assert status == 200 and out["choices"][0]["message"]["content"] == ref
+        for path, message in (("/slow.jpg", "took longer than 0.5 s"), ("/big.jpg", "larger than 262144 bytes"),
+                              ("/moved", "answered HTTP 302"), ("/missing", "answered HTTP 404")):
+            status, out = post(server, chat(url + path))
+            assert status == 400 and message in out["error"]["message"], (path, out)
+        status, out = post(server, chat(url.replace("127.0.0.1", "localhost") + "/photo.jpg"))
+        assert status == 400 and "'localhost' is not in the server's --allowed-media-domains" in out["error"]["message"]
 
 
 def test_history_and_a_system_message_go_through_the_family_s_template(server, pipe, photo):
@@ -288,7 +362,9 @@ def test_a_full_queue_is_a_503_with_retry_after(pipe, photo):
         with urllib.request.urlopen(req, timeout=60) as long:
             long.readline()  # the long request holds the only slot
             status, headers, data = request(server, "/v1/chat/completions", chat(data_url(photo)))
+        too_many = post(server, chat(data_url(photo), n=2))  # never fits: a 400, not a retry
     assert status == 503 and headers["Retry-After"] == "1" and "at capacity" in json.loads(data)["error"]["message"]
+    assert too_many[0] == 400 and "more than this server ever holds" in too_many[1]["error"]["message"]
 
 
 def test_a_request_past_its_timeout_is_stopped_with_a_504(pipe, photo):
@@ -351,6 +427,7 @@ def test_metrics_count_tokens_and_image_cache_hits(server):
     assert _metric(after, "vlmrt_generation_tokens_total") - _metric(before, "vlmrt_generation_tokens_total") == 2 * TOKENS
     assert _metric(after, "vlmrt_time_to_first_token_seconds_count") >= 2
     assert _metric(after, "vlmrt_kv_slots_total") >= 1 and "vlmrt_inter_token_latency_seconds_bucket" in after
+    assert _metric(after, "vlmrt_requests_running") >= 0 and _metric(after, "vlmrt_requests_waiting") >= 0
 
 
 def test_a_cached_image_gives_the_same_answer(server, photo):
@@ -373,6 +450,7 @@ def test_health_and_models(server):
     ({"body_timeout_s": 0}, "--body-timeout must be above 0"),
     ({"max_queue": -1}, "--max-queue"),
     ({"allowed_local_media_path": "/no/such/folder"}, "is not a folder"),
+    ({"allowed_media_domains": ("https://example.com",)}, "takes host names"),
 ])
 def test_bad_server_options_are_refused_before_listening(pipe, options, message):
     with pytest.raises(VlmrtError, match=message):

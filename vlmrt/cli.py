@@ -216,14 +216,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $VLMRT_API_KEY; none: no auth)")
     g.add_argument("--allowed-local-media-path", default="", metavar="DIR",
                    help="images may be files under DIR (file:// URLs or paths); default: data: URLs only")
+    g.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
+                   help="http(s) image URLs on these hosts (and their subdomains) are fetched; default: none (refused)")
+    g.add_argument("--image-fetch-timeout", type=in_range(0.0, low_open=True), default=d.image_fetch_timeout_s,
+                   help=f"seconds an image fetch may take; its size limit is --max-body-mib (default {d.image_fetch_timeout_s:g})")
     g.add_argument("--image-cache-mib", type=in_range(0.0), default=d.image_cache_mib,
                    help=f"vision outputs kept for images asked again (default {d.image_cache_mib:g}; 0 = off)")
 
 
 def cmd_serve(args) -> int:
-    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (multi-turn chats, one image
-    per request or none; "stream": true for Server-Sent Events), GET /v1/models, GET /health,
-    GET /metrics. Requests run on the engine: they join and leave the running batch at any step, and a
+    """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (multi-turn chats, `n`
+    choices, one image per request, in any user message, or none; "stream": true for Server-Sent
+    Events), GET /v1/models, GET /health, GET /metrics. Requests run on the engine: they join and leave the running batch at any step, and a
     client that disconnects frees its slot. Needs the serve extra. See docs/serve.md."""
     from vlmrt.engine import EngineOptions
     from vlmrt.models import load_model
@@ -234,7 +238,9 @@ def cmd_serve(args) -> int:
     require_serve_extra()
     options = ServeOptions(max_queue=args.max_queue, max_body_mib=args.max_body_mib, body_timeout_s=args.body_timeout,
                            request_timeout_s=args.request_timeout, api_key=args.api_key,
-                           allowed_local_media_path=args.allowed_local_media_path, image_cache_mib=args.image_cache_mib)
+                           allowed_local_media_path=args.allowed_local_media_path, image_cache_mib=args.image_cache_mib,
+                           allowed_media_domains=tuple(args.allowed_media_domains),
+                           image_fetch_timeout_s=args.image_fetch_timeout)
     options.check()  # before a model load that may take minutes
     weights = weights_from_args(args)
     loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed), weights)

@@ -202,6 +202,11 @@ class Engine:
         s = self._live.get(request_id)
         return list(s.notes) if s else []
 
+    def prompt_tokens(self, request_id: int) -> int:
+        """The prompt length of a live request, image tokens included (0 once it finished)."""
+        s = self._live.get(request_id)
+        return s.length if s else 0
+
     def run(self, requests: list[Request], on_event=None) -> list[_State]:
         """Add `requests` and step until they are all finished; return their states in order (tokens
         in `.row.tokens`, answer in `.row.text`, reason in `.row.finished`). For batch callers:

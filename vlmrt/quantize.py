@@ -11,7 +11,10 @@ time, so every family keeps its own modules and int8/int4 are independent of the
 ```
 
 `{lm}` is the module that holds `lm_head` (the language model); a tied lm_head is quantized as a
-copy and the embedding table keeps its own precision.
+copy and the embedding table keeps its own precision. With int4 the lm_head is int8 by default
+(`head`), as llama.cpp keeps `output.weight` at 6 bits (q6_K) in its q4_0 models and AWQ/GPTQ
+checkpoints keep it at 16 bits: logits take the head's rounding error directly, with no layer after
+it to average it out. `int4-head4` quantizes it to int4 too; `-nohead` keeps it at the model dtype.
 
 Formats (one LinearMethod each; the kernels are PyTorch's own CPU packed matmuls, which read
 bf16 activations: x is cast to bf16 for the matmul and the result back to the model dtype):
@@ -35,6 +38,8 @@ from torch import nn
 from vlmrt.errors import VlmrtError
 
 FORMATS = ("fp", "fp16", "bf16", "int8", "int4")  # "fp": the model's own weights, untouched
+HEAD_FORMATS = ("int8", "int4")  # what an int4 model's lm_head may be
+INT4_HEAD = "int8"  # an int4 model's default lm_head format (see the module docstring)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
 WEIGHTS_ATTR = "_vlmrt_weight_config"  # set on a model once its linears are swapped
 
@@ -49,6 +54,8 @@ class WeightConfig:
         symmetric: int4 only: scale only, no zero point (int8 is always symmetric per channel).
         lm_head: also quantize the output projection (tied or not).
         vision: also quantize the vision stage's linear layers (tower, bridge, projector).
+        head: the output projection's format when `lm_head`: "" for the default (int8 with int4, the
+            format itself otherwise), or "int8" / "int4" with int4. Resolved at construction.
     """
 
     format: str = "fp"
@@ -56,6 +63,7 @@ class WeightConfig:
     symmetric: bool = False
     lm_head: bool = True
     vision: bool = False
+    head: str = ""
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -64,6 +72,11 @@ class WeightConfig:
         if self.format == "int4" and self.group_size not in INT4_GROUP_SIZES:
             raise VlmrtError(f"int4 block size {self.group_size} is not supported; choose one of "
                              f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+        default = INT4_HEAD if self.format == "int4" else self.format
+        if self.head not in ("", default) and not (self.format == "int4" and self.head in HEAD_FORMATS):
+            raise VlmrtError(f"lm_head format {self.head!r} with {self.format}: only int4 weights take a head format "
+                             f"({', '.join(HEAD_FORMATS)}); use -nohead to keep lm_head at the model dtype")
+        object.__setattr__(self, "head", self.head or default)  # "" and the default compare equal
 
     @property
     def is_fp(self) -> bool:
@@ -71,12 +84,14 @@ class WeightConfig:
 
     @property
     def tag(self) -> str:
-        """A short name for cache folders and labels, e.g. "int4-g32-asym"."""
+        """A short name for cache folders and labels, e.g. "int4-g32-asym-head8"."""
         if self.is_fp:
             return "fp"
         tag = self.format
         if self.format == "int4":
             tag += f"-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
+            if self.lm_head:
+                tag += f"-head{self.head[3:]}"
         if not self.lm_head:
             tag += "-nohead"
         return tag + ("-vision" if self.vision else "")
@@ -186,6 +201,13 @@ def linear_method(cfg: WeightConfig) -> LinearMethod:
     return METHODS[cfg.format](cfg)
 
 
+def head_config(cfg: WeightConfig) -> WeightConfig:
+    """The WeightConfig of the lm_head linear under `cfg` (its own format when `cfg.head` differs)."""
+    from dataclasses import replace
+
+    return cfg if cfg.head == cfg.format else replace(cfg, format=cfg.head, head="")
+
+
 class QuantizedLinear(nn.Module):
     """An nn.Linear whose weight is held by a LinearMethod (packed buffers); the bias stays fp."""
 
@@ -289,11 +311,12 @@ def quantize_model(model: nn.Module, cfg: WeightConfig, runtime: str = "eager") 
     check_supported(cfg, device, runtime)
     names = select_linears(model, cfg)
     check_widths(model, names, cfg)
-    method = linear_method(cfg)
+    method, head = linear_method(cfg), linear_method(head_config(cfg))
+    lm_head = f"{language_model_prefix(model)}lm_head"
     for name in names:
         owner, _, attr = name.rpartition(".")
         parent = model.get_submodule(owner) if owner else model
-        setattr(parent, attr, QuantizedLinear(method, getattr(parent, attr)))
+        setattr(parent, attr, QuantizedLinear(head if name == lm_head else method, getattr(parent, attr)))
     setattr(model, WEIGHTS_ATTR, cfg)
     return model
 
@@ -324,8 +347,9 @@ def decoder_weight_bytes(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- specs and runtimes
 def parse_weights(spec: str | None, vision: bool = False) -> WeightConfig:
-    """A `--quantize` value -> WeightConfig: FORMAT[-gN][-sym|-asym][-nohead], e.g. "int8",
-    "int4" (block 32, asymmetric), "int4-g128-sym", "int8-nohead" (lm_head kept fp); None or "fp": none.
+    """A `--quantize` value -> WeightConfig: FORMAT[-gN][-sym|-asym][-head8|-head4|-nohead], e.g.
+    "int8", "int4" (block 32, asymmetric, lm_head int8), "int4-g128-sym", "int4-head4" (lm_head int4
+    too), "int8-nohead" (lm_head kept fp); None or "fp": none.
 
     Args:
         spec: the value.
@@ -342,13 +366,16 @@ def parse_weights(spec: str | None, vision: bool = False) -> WeightConfig:
             fields["symmetric"] = part == "sym"
         elif part == "nohead":
             fields["lm_head"] = False
+        elif part in ("head8", "head4"):
+            fields["head"] = f"int{part[4:]}"
         elif part[:1] == "g" and part[1:].isdigit():
             fields["group_size"] = int(part[1:])
         else:
-            raise VlmrtError(f"cannot read {spec!r} as a weight format: {part!r} is not gN (int4 block size), sym, asym "
-                             f"or nohead; e.g. int8, int4, int4-g64-sym")
-    if head != "int4" and ("group_size" in fields or "symmetric" in fields):
-        raise VlmrtError(f"{spec!r}: a block size or symmetry applies to int4 only (int8 is per channel, symmetric)")
+            raise VlmrtError(f"cannot read {spec!r} as a weight format: {part!r} is not gN (int4 block size), sym, asym, "
+                             f"head8, head4 or nohead; e.g. int8, int4, int4-g64-sym")
+    if head != "int4" and ("group_size" in fields or "symmetric" in fields or "head" in fields):
+        raise VlmrtError(f"{spec!r}: a block size, symmetry or head format applies to int4 only "
+                         "(int8 is per channel, symmetric)")
     return WeightConfig(**fields)
 
 

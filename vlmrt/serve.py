@@ -13,38 +13,40 @@ server: abort on disconnect, `--allowed-local-media-path`, `--api-key`, `/metric
    body (size limit 413, read timeout 408) ─► JSON ─► ChatRequest:
      messages ─► Conversation (the family's template renders it), image (data: URL, or a file
      under --allowed-local-media-path), GenerationConfig            ─► EngineLoop.submit (503 if full)
+   Answer (the ASGI response): watches the connection from submit to its last byte
    ◄── job.queue: ("text", piece)* then ("done", answer) | ("error", HttpError) ◄── engine.step()
-   client gone or --request-timeout passed ─► EngineLoop.abort ─► engine.abort: slot free at once
+   client gone or --request-timeout passed ─► EngineLoop.abort ─► engine.abort before the next step
 ```
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import secrets
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
 from vlmrt.processor import Conversation
 from vlmrt.serve_loop import EngineLoop, HttpError, Job, http_error
+from vlmrt.serve_media import MediaPolicy, load_image_url
 from vlmrt.serve_options import ServeOptions  # noqa: F401 (part of this module's API)
 
 CHAT_PATH = "/v1/chat/completions"
+MAX_CHOICES = 16  # `n`: each choice is one engine request
+MAX_IMAGES = 1  # per request: every family's processor (vlmrt/processor.py) places one image per prompt
 EXTRA = "serve"  # pip install 'vlmrt[serve]'
-_UNSUPPORTED = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
+_UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
                 "logit_bias": {}, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                 "audio": None, "modalities": None, "prediction": None}
+_WHY = {"logprobs": " (the engine returns no token log-probabilities)",
+        "top_logprobs": " (the engine returns no token log-probabilities)"}
 
 
 def require_serve_extra() -> None:
@@ -73,10 +75,12 @@ class ChatRequest:
     config: GenerationConfig
     stream: bool
     include_usage: bool  # stream_options.include_usage: one more chunk, with usage
+    n: int = 1  # choices: one engine request each (a sampled one with seed + i)
 
 
-def parse_chat_request(body, pipeline, model_name: str, media_root: str = "") -> ChatRequest:
-    """A parsed JSON body -> ChatRequest. Raises HttpError (400, or 404 for another model)."""
+def parse_chat_request(body, pipeline, model_name: str, media: MediaPolicy | None = None) -> ChatRequest:
+    """A parsed JSON body -> ChatRequest, its image read per `media`. Raises HttpError (400, or 404
+    for another model)."""
     if not isinstance(body, dict):
         raise HttpError(400, "the body must be a JSON object with a `messages` list")
     model = body.get("model")
@@ -85,7 +89,8 @@ def parse_chat_request(body, pipeline, model_name: str, media_root: str = "") ->
                              "(GET /v1/models)", "invalid_request_error", "model_not_found")
     for name, neutral in _UNSUPPORTED.items():
         if body.get(name) not in (None, neutral):
-            raise HttpError(400, f"`{name}` is not supported by vlmrt; leave it out (or set it to {json.dumps(neutral)})")
+            raise HttpError(400, f"`{name}` is not supported by vlmrt{_WHY.get(name, '')}; leave it out (or set it "
+                                 f"to {json.dumps(neutral)})")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise HttpError(400, "`response_format` is not supported by vlmrt (no JSON mode); leave it out or use "
@@ -94,8 +99,20 @@ def parse_chat_request(body, pipeline, model_name: str, media_root: str = "") ->
     config = generation_config(body, pipeline)
     stream = _field(body, "stream", False, bool, lambda v: True, "true or false")
     options = _field(body, "stream_options", {}, dict, lambda v: True, 'an object, e.g. {"include_usage": true}')
-    image = load_image_url(url, media_root) if url else None
-    return ChatRequest(conversation, image, config, stream, options.get("include_usage") is True)
+    image = load_image_url(url, media) if url else None
+    n = _field(body, "n", 1, int, lambda v: 1 <= v <= MAX_CHOICES, f"an integer in [1, {MAX_CHOICES}]")
+    if n > 1 and config.num_beams > 1:
+        raise HttpError(400, "`n` > 1 with `num_beams` > 1 is not served (beam search gives one answer); leave one out")
+    return ChatRequest(conversation, image, config, stream, options.get("include_usage") is True, n)
+
+
+def choice_config(config: GenerationConfig, index: int) -> GenerationConfig:
+    """The settings of choice `index` of a request: a seeded sampled request's choice i samples
+    with seed + i (reproducible, and different from each other); unseeded ones draw a seed each in
+    the engine loop; greedy choices are all the same answer, as with OpenAI at temperature 0."""
+    if index == 0 or not config.do_sample or config.seed is None:
+        return config
+    return replace(config, seed=(config.seed + index) % 2**63)
 
 
 def conversation_and_image(messages) -> tuple[Conversation, str | None]:
@@ -122,9 +139,10 @@ def conversation_and_image(messages) -> tuple[Conversation, str | None]:
     if turns[-1][0] != "user":
         raise HttpError(400, "the last message must be the user's (the model answers it); drop the trailing "
                              "assistant message")
-    if len(urls) > 1:
-        raise HttpError(400, f"the messages have {len(urls)} images; vlmrt answers about one image per request "
-                             "(in any user message): send one {\"type\": \"image_url\"} part")
+    if len(urls) > MAX_IMAGES:
+        raise HttpError(400, f"the messages have {len(urls)} images; the families vlmrt runs take at most "
+                             f"{MAX_IMAGES} image per request (in any user message; their processors place one image "
+                             "per prompt): send one {\"type\": \"image_url\"} part, or one request per image")
     if not turns[-1][1]:
         raise HttpError(400, 'the last user message has no question; add a {"type": "text", "text": ...} part')
     system = "\n".join(systems) if systems else None
@@ -156,63 +174,6 @@ def _image_url(part: dict) -> str:
     if not isinstance(url, str) or not url:
         raise HttpError(400, 'an image_url part needs {"image_url": {"url": "data:image/png;base64,..."}}')
     return url
-
-
-def load_image_url(url: str, media_root: str = ""):
-    """A base64 data: URL, or a file under `media_root` (a file:// URL or a path) -> RGB PIL image.
-    Never downloads. A file outside the root and a missing one get the same answer."""
-    if url.startswith("data:"):
-        return _decode_data_url(url)
-    scheme = urlparse(url).scheme.lower()
-    if scheme in ("http", "https"):
-        raise HttpError(400, "image URLs over http(s) are not fetched (vlmrt never downloads); send the image "
-                             "inline as data:image/jpeg;base64,...")
-    if scheme not in ("file", "") and len(scheme) > 1:  # a one-letter "scheme" is a Windows drive
-        raise HttpError(400, f"unsupported image URL scheme '{scheme}:'; use a data: URL (or a file:// URL)")
-    if len(url) > 4096:  # not a path: most likely base64 sent without its data: prefix
-        raise HttpError(400, "the image URL is not a data: URL and too long for a path; send data:image/png;base64,...")
-    return _local_image(unquote(urlparse(url).path) if scheme == "file" else url, media_root)
-
-
-def _local_image(path: str, media_root: str):
-    from vlmrt.processor import load_image
-
-    unavailable = HttpError(400, f"the image file {path} is not available: the server reads local files only under "
-                                 "its --allowed-local-media-path (and only ones that exist); send the image inline "
-                                 "as a data: URL")
-    if not media_root:
-        raise unavailable
-    root = Path(media_root).resolve()
-    full = (root / path).resolve()  # an absolute path stays itself; symlinks and .. resolved
-    if not full.is_relative_to(root) or not full.is_file():
-        raise unavailable
-    try:
-        return load_image(full)
-    except VlmrtError as e:
-        raise HttpError(400, str(e)) from None
-
-
-def _decode_data_url(url: str):
-    from PIL import Image, UnidentifiedImageError
-
-    from vlmrt.processor import to_rgb
-
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise HttpError(400, "an image data: URL must be base64, e.g. data:image/png;base64,iVBORw0KGgo...")
-    try:
-        raw = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "the image data: URL's payload is not valid base64") from None
-    what = "the image data: URL does not hold an image PIL can read (JPEG, PNG, WebP ...)"
-    try:
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except UnidentifiedImageError:  # its message names the BytesIO object, which tells a client nothing
-        raise HttpError(400, what) from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise HttpError(400, f"{what}: {e}") from None
-    return to_rgb(img)
 
 
 def generation_config(body: dict, pipeline) -> GenerationConfig:
@@ -265,19 +226,26 @@ def _stop_strings(value) -> tuple[str, ...]:
 # ---- responses ----
 
 
-def completion_json(answer: dict, model: str) -> dict:
-    """An engine answer -> OpenAI's `chat.completion` object, plus vlmrt's timings."""
-    return {
-        "id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer["text"]},
-                     "finish_reason": answer["finish_reason"], "logprobs": None}],
-        "usage": answer["usage"], "vlmrt": answer["vlmrt"],
-    }
+def completion_json(answers: list[dict], model: str) -> dict:
+    """The engine answers of a request's choices -> OpenAI's `chat.completion` object, plus vlmrt's
+    timings (per choice when there are several). The prompt counts once in `usage`."""
+    choices = [{"index": i, "message": {"role": "assistant", "content": a["text"]},
+                "finish_reason": a["finish_reason"], "logprobs": None} for i, a in enumerate(answers)]
+    return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": total_usage(answers),
+            "vlmrt": answers[0]["vlmrt"] if len(answers) == 1 else {"choices": [a["vlmrt"] for a in answers]}}
 
 
-def chunk_json(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None, **extra) -> dict:
-    """One `chat.completion.chunk` of a stream; every chunk of a stream shares id and created."""
-    choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+def total_usage(answers: list[dict]) -> dict:
+    prompt, completion = answers[0]["usage"]["prompt_tokens"], sum(a["usage"]["completion_tokens"] for a in answers)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chunk_json(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None, index: int = 0,
+               **extra) -> dict:
+    """One `chat.completion.chunk` of a stream (of choice `index`); every chunk of a stream shares id
+    and created."""
+    choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra}
 
 
@@ -302,30 +270,22 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     app = FastAPI(title="vlmrt", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "vlmrt"}
+    media = MediaPolicy(options.allowed_local_media_path, tuple(d.lower() for d in options.allowed_media_domains),
+                        options.image_fetch_timeout_s, int(options.max_body_mib * 2**20))
     routes = f"POST {CHAT_PATH}, GET /v1/models, GET /v1/models/{{id}}, GET /health, GET /metrics"
-
-    def error(e: HttpError, close: bool = False) -> JSONResponse:
-        headers = {**e.headers, **({"Connection": "close"} if close else {})}
-        return JSONResponse(e.body(), e.status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def _routing(request, exc):  # unknown path 404, wrong method 405: JSON too
         verb = "is not allowed on" if exc.status_code == 405 else "has no route"
-        return error(HttpError(exc.status_code, f"{request.method} {verb} {request.url.path}; this server answers "
-                                                f"{routes}", "invalid_request_error"), close=True)
+        return error_response(HttpError(exc.status_code, f"{request.method} {verb} {request.url.path}; this server "
+                                                         f"answers {routes}", "invalid_request_error"), close=True)
 
     @app.exception_handler(Exception)
     async def _bug(request, exc):
-        return error(http_error(exc))
+        return error_response(http_error(exc))
 
-    @app.middleware("http")
-    async def _auth(request, call_next):
-        if options.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-                return error(HttpError(401, "missing or wrong API key; send Authorization: Bearer KEY",
-                                       "authentication_error", "invalid_api_key"))
-        return await call_next(request)
+    if options.api_key:
+        app.add_middleware(ApiKey, key=options.api_key)
 
     async def health(request):
         e = loop.engine
@@ -345,25 +305,21 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     async def model(request):
         model_id = request.path_params["model_id"]
         if model_id != model_name:
-            return error(HttpError(404, f"the model `{model_id}` does not exist; this server runs `{model_name}`",
-                                   "invalid_request_error", "model_not_found"))
+            return error_response(HttpError(404, f"the model `{model_id}` does not exist; this server runs "
+                                                 f"`{model_name}`", "invalid_request_error", "model_not_found"))
         return JSONResponse(card)
 
     async def chat(request):
         try:
             body = await _read_json(request, options)
-            parsed = await run_in_threadpool(parse_chat_request, body, loop.pipeline, model_name,
-                                             options.allowed_local_media_path)
-            job = Job(parsed.prompt, parsed.image, parsed.config, parsed.stream, asyncio.get_running_loop())
-            loop.submit(job)
+            parsed = await run_in_threadpool(parse_chat_request, body, loop.pipeline, model_name, media)
+            queue = asyncio.Queue()
+            jobs = [Job(parsed.prompt, parsed.image, choice_config(parsed.config, i), parsed.stream,
+                        asyncio.get_running_loop(), queue, index=i) for i in range(parsed.n)]
+            loop.submit(*jobs)
         except HttpError as e:
-            return error(e, close=e.status in (408, 411, 413))
-        if parsed.stream:
-            return await _stream(loop, job, request, parsed.include_usage, model_name, options)
-        kind, value = await _wait(loop, job, request, options)
-        if kind == "error":
-            return error(value)
-        return JSONResponse(completion_json(value, model_name))
+            return error_response(e, close=e.status in (408, 411, 413))
+        return Answer(loop, jobs, parsed.include_usage, model_name, options)
 
     for path, endpoint, method in (("/health", health, "GET"), ("/metrics", metrics, "GET"), ("/v1/models", models, "GET"),
                                    ("/v1/models/{model_id:path}", model, "GET"), (CHAT_PATH, chat, "POST")):
@@ -371,8 +327,36 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     return app
 
 
+def error_response(e: HttpError, close: bool = False):
+    """An HttpError as OpenAI's JSON error body (an ASGI app)."""
+    from fastapi.responses import JSONResponse
+
+    headers = {**e.headers, **({"Connection": "close"} if close else {})}
+    return JSONResponse(e.body(), e.status, headers=headers)
+
+
+class ApiKey:
+    """ASGI middleware: /v1/* needs `Authorization: Bearer KEY` (401 otherwise). Pure ASGI on
+    purpose: Starlette's BaseHTTPMiddleware runs the app in a task behind a memory stream, which
+    changes when the app's sends return and how it sees a client leave."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not secrets.compare_digest(given, self.expected):
+                refuse = error_response(HttpError(401, "missing or wrong API key; send Authorization: Bearer KEY",
+                                                  "authentication_error", "invalid_api_key"))
+                return await refuse(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _read_json(request, options: ServeOptions):
     """The body as JSON: a Content-Length, at most max_body_mib, whole within body_timeout_s."""
+    from starlette.requests import ClientDisconnect
+
     limit = int(options.max_body_mib * 2**20)
     length = request.headers.get("content-length", "")
     if not length.isdigit():
@@ -384,16 +368,12 @@ async def _read_json(request, options: ServeOptions):
     except asyncio.TimeoutError:
         raise HttpError(408, f"the body did not arrive within {options.body_timeout_s:g} s (shorter than its "
                              "Content-Length, or too slow); send it again") from None
+    except ClientDisconnect:  # the answer goes nowhere; no traceback for the log
+        raise HttpError(499, "the client closed the connection before its body arrived", "cancelled") from None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HttpError(400, f"the body is not valid JSON ({e}); send a chat completions request object") from None
-
-
-async def _disconnected(request) -> None:
-    """Returns once the client has gone (the body is read: the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _timeout(options: ServeOptions) -> HttpError:
@@ -401,63 +381,100 @@ def _timeout(options: ServeOptions) -> HttpError:
                           "and was stopped; ask for fewer tokens or retry later", "timeout")
 
 
-async def _wait(loop: EngineLoop, job: Job, request, options: ServeOptions):
-    """The final event of a non-streamed request; a client that leaves aborts it."""
-    result = asyncio.ensure_future(job.queue.get())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, timeout=options.request_timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if result in done:
-        return result.result()
-    result.cancel()
-    loop.abort(job)
-    return "error", _timeout(options) if not done else HttpError(499, "the client closed the connection", "cancelled")
+class Answer:
+    """The ASGI response of a submitted request (its `n` choices, one job each). From the moment it
+    starts until its last byte it watches the connection: a client that leaves (while it waits for a
+    slot, before its first token, mid-stream or while a plain answer is made) aborts its jobs, so
+    their slots are free before the engine's next step. Streamed: Server-Sent Events (per choice a
+    role chunk, one chunk per piece of text as the engine makes it final and a chunk with
+    finish_reason; then a usage chunk if asked and `data: [DONE]`); an error before the first piece
+    is a plain JSON answer, and an error of one choice ends the whole request.
 
+    The abort never waits on an event generator's cleanup: a generator left suspended at a `yield`
+    when its task is cancelled is closed only when the garbage collector finds it.
+    """
 
-async def _stream(loop: EngineLoop, job: Job, request, include_usage: bool, model: str, options: ServeOptions):
-    """Server-Sent Events: a role chunk, one chunk per piece of text as the engine makes it final, a
-    chunk with finish_reason, a usage chunk if asked, then `data: [DONE]`. An error before the first
-    piece is a plain JSON answer; a client that leaves aborts the request (the generator is cancelled)."""
-    from fastapi.responses import JSONResponse, StreamingResponse
+    def __init__(self, loop: EngineLoop, jobs: list[Job], include_usage: bool, model: str, options: ServeOptions):
+        self.loop, self.jobs, self.include_usage, self.model, self.options = loop, jobs, include_usage, model, options
+        self.deadline = jobs[0].submitted + options.request_timeout_s
 
-    deadline = job.submitted + options.request_timeout_s
-    try:
-        first = await asyncio.wait_for(job.queue.get(), options.request_timeout_s)
-    except asyncio.TimeoutError:
-        loop.abort(job)
-        first = ("error", _timeout(options))
-    if first[0] == "error":
-        return JSONResponse(first[1].body(), first[1].status)
-    cid, created = _completion_id(), int(time.time())
-
-    def chunk(delta, reason=None, **extra):
-        return _sse(chunk_json(cid, created, model, delta, reason, **extra))
-
-    async def events():
-        kind, value = first
+    async def __call__(self, scope, receive, send):
+        watcher = asyncio.ensure_future(self._abort_when_gone(receive))
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            while kind == "text":
-                yield chunk({"content": value})
-                try:
-                    kind, value = await asyncio.wait_for(job.queue.get(), max(deadline - time.perf_counter(), 0.001))
-                except asyncio.TimeoutError:
-                    loop.abort(job)
-                    kind, value = "error", _timeout(options)
-            if kind == "error":
-                yield _sse(value.body())  # the stream ends without [DONE]
-                return
-            yield chunk({}, value["finish_reason"], vlmrt=value["vlmrt"])
-            if include_usage:
-                yield _sse({**chunk_json(cid, created, model, {}), "choices": [], "usage": value["usage"]})
-            yield b"data: [DONE]\n\n"
+            first = await self._next()
+            if first[1] == "error":
+                await error_response(first[2])(scope, receive, send)
+            elif self.jobs[0].stream:
+                await self._stream(first, send)
+            else:
+                await (await self._whole(first))(scope, receive, send)
         finally:
-            loop.abort(job)  # a no-op once finished; a client that left stops its request here
+            watcher.cancel()
+            self._abort()  # a no-op once finished; a cancelled handler stops its request
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def _abort(self) -> None:
+        for job in self.jobs:
+            self.loop.abort(job)
+
+    async def _abort_when_gone(self, receive) -> None:
+        """Returns once the client has gone (the body is read: the next ASGI message is the
+        disconnect, or uvicorn's end of the response), aborting the request if still running."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._abort()
+
+    async def _next(self) -> tuple[int, str, object]:
+        """The next event of any choice; past --request-timeout the request is aborted (504)."""
+        try:
+            return await asyncio.wait_for(self.jobs[0].queue.get(), max(self.deadline - time.perf_counter(), 0.001))
+        except asyncio.TimeoutError:
+            self._abort()
+            return 0, "error", _timeout(self.options)
+
+    async def _whole(self, event):
+        """A plain answer once every choice is done (an error of one: that error, the others stopped)."""
+        from fastapi.responses import JSONResponse
+
+        answers = {}
+        while True:
+            index, kind, value = event
+            if kind == "error":
+                self._abort()
+                return error_response(value)
+            answers[index] = value
+            if len(answers) == len(self.jobs):
+                return JSONResponse(completion_json([answers[i] for i in range(len(self.jobs))], self.model))
+            event = await self._next()
+
+    async def _stream(self, event, send) -> None:
+        cid, created, started, answers = _completion_id(), int(time.time()), set(), {}
+
+        async def body(data: bytes, more: bool = True):
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+        while True:
+            index, kind, value = event
+            if kind == "error":
+                self._abort()
+                return await body(_sse(value.body()), more=False)  # the stream ends without [DONE]
+            if index not in started:
+                started.add(index)
+                await body(_sse(chunk_json(cid, created, self.model, {"role": "assistant", "content": ""}, None, index)))
+            if kind == "text":
+                await body(_sse(chunk_json(cid, created, self.model, {"content": value}, None, index)))
+            else:
+                answers[index] = value
+                await body(_sse(chunk_json(cid, created, self.model, {}, value["finish_reason"], index,
+                                           vlmrt=value["vlmrt"])))
+                if len(answers) == len(self.jobs):
+                    break
+            event = await self._next()
+        if self.include_usage:
+            usage = total_usage(list(answers.values()))
+            await body(_sse({**chunk_json(cid, created, self.model, {}), "choices": [], "usage": usage}))
+        await body(b"data: [DONE]\n\n", more=False)
 
 
 # ---- the server ----
@@ -515,7 +532,6 @@ def make_server(pipeline, host: str = "127.0.0.1", port: int = 8000, options: Se
         >>> ...  # POST f"{server.url}/v1/chat/completions"
         >>> server.shutdown(); server.server_close()
     """
-    from dataclasses import replace
 
     from vlmrt.engine import Engine
     from vlmrt.image_cache import CachedVision

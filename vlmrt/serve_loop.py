@@ -7,7 +7,9 @@ through an inbox and per-request event queues. Admission (a bounded queue) and P
    inbox: ("add", job) ("abort", job) ──────────►  take every command (block only when idle)
                                                    add -> engine.add / abort -> engine.abort
                                                    engine.step() -> events per request
-   job.queue ◄── call_soon_threadsafe ◄──────────  ("text", piece) ("done", answer) ("error", e)
+   job.queue ◄── call_soon_threadsafe ◄──────────  (index, "text", piece) (index, "done", answer)
+                                                   (index, "error", e); the n jobs of a request (its
+                                                   `n` choices) share one queue, index = the choice
  a client that leaves: ("abort", job) -> its slot is free before the next step
 ```
 
@@ -58,7 +60,8 @@ def http_error(e: Exception) -> HttpError:
 
 @dataclass
 class Job:
-    """One request on its way through the loop. `queue` lives on the HTTP side's event loop."""
+    """One request (one choice of it) on its way through the loop. `queue` lives on the HTTP side's
+    event loop; the jobs of one request's choices share it, each events tagged with its `index`."""
 
     prompt: object  # a question or a processor.Conversation
     image: object  # RGB PIL image or None
@@ -75,9 +78,10 @@ class Job:
     text: str = ""
     notes: list = field(default_factory=list)
     done: bool = False
+    index: int = 0  # the choice of its request
 
     def emit(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, kind, value))
 
 
 class Metrics:
@@ -131,17 +135,22 @@ class EngineLoop(threading.Thread):
         self.steps = self.served = 0
 
     # ---- HTTP side (event loop thread) ----
-    def submit(self, job: Job) -> None:
-        """Queue `job`, or refuse it: 503 when the queue is full or the server is stopping."""
+    def submit(self, *jobs: Job) -> None:
+        """Queue `jobs` (a request's choices: all or none), or refuse them: 503 when the queue is
+        full or the server is stopping."""
         with self.lock:
             if self.stopping:
                 raise HttpError(503, "the server is shutting down; retry once it is back", "server_error")
-            if self.in_flight >= self.engine.num_slots + self.max_queue:
+            if len(jobs) > self.engine.num_slots + self.max_queue:
+                raise HttpError(400, f"`n` = {len(jobs)} is more than this server ever holds at once ({self.engine.num_slots} "
+                                     f"running + {self.max_queue} queued); ask for fewer choices")
+            if self.in_flight + len(jobs) > self.engine.num_slots + self.max_queue:
                 self.metrics.rejected.inc()
                 raise HttpError(503, f"the server is at capacity ({self.engine.num_slots} running, {self.max_queue} "
                                      "queued); retry after a moment", "server_error", headers={"Retry-After": "1"})
-            self.in_flight += 1
-        self.inbox.put(("add", job))
+            self.in_flight += len(jobs)
+        for job in jobs:
+            self.inbox.put(("add", job))
 
     def abort(self, job: Job) -> None:
         """The client left (or timed out): stop its request before the next step."""
@@ -206,7 +215,7 @@ class EngineLoop(threading.Thread):
             job.rid = self.engine.add(Request(job.prompt, job.image, cfg))
         except Exception as e:  # a prompt too long, an unreadable image: this request only
             return self._fail(job, http_error(e))
-        job.prompt_tokens, job.notes = self.engine._live[job.rid].length, self.engine.notes(job.rid)
+        job.prompt_tokens, job.notes = self.engine.prompt_tokens(job.rid), self.engine.notes(job.rid)
         self.jobs[job.rid] = job
 
     def _abort(self, job: Job) -> None:

@@ -12,8 +12,9 @@ quantization tools, so ONNX Runtime's CPU kernels (MLAS) run them.
  ─► <out>/decoder.onnx (+ .data), written in place; the manifest records the format
 ```
 
-lm_head's MatMul is left fp when the config says so (`-nohead`); the vision graph is quantized
-only with `vision`. The embedding graph (a table lookup) is never touched.
+lm_head's MatMul is left fp when the config says so (`-nohead`); with int4 it gets a second pass
+at 8 bits (MatMulNBits, block INT8_BLOCK, symmetric) unless the config says int4 (`-head4`). The
+vision graph is quantized only with `vision`. The embedding graph (a table lookup) is never touched.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def quantize_graph(path: Path, cfg, accuracy_level: int | None = None, int8_tool
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per MatMul otherwise
     proto = onnx.load(str(path), load_external_data=False)
-    exclude = [] if cfg.lm_head else _lm_head_nodes(proto)
+    heads = _lm_head_nodes(proto)
+    own_head = cfg.lm_head and cfg.head != cfg.format  # int4 with an int8 head: a second pass for it
+    exclude = [] if cfg.lm_head and not own_head else heads
     del proto
     tmp = path.parent / f".tmp-quant-{path.stem}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,16 +74,25 @@ def quantize_graph(path: Path, cfg, accuracy_level: int | None = None, int8_tool
                          per_channel=True, nodes_to_exclude=exclude, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": True})
     else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
         level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
         bits, block, sym = (8, INT8_BLOCK, True) if cfg.format == "int8" else (4, cfg.group_size, cfg.symmetric)
-        q = MatMulNBitsQuantizer(onnx.load(str(path)), bits=bits, block_size=block, is_symmetric=sym,
-                                 accuracy_level=level, nodes_to_exclude=exclude)
-        q.process()
-        q.model.save_model_to_file(str(out), use_external_data_format=True)
+        proto = _nbits(onnx.load(str(path)), bits, block, sym, level, exclude=exclude)
+        if own_head and heads:
+            proto = _nbits(proto, 8, INT8_BLOCK, True, level, include=heads)
+        onnx.save_model(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out.name + ".data", size_threshold=1024)
     _replace_graph(path, out)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nbits(proto, bits: int, block: int, symmetric: bool, level: int, exclude=None, include=None):
+    """One MatMulNBitsQuantizer pass over `proto` (the MatMuls in `include`, or all but `exclude`)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=level,
+                             nodes_to_exclude=exclude or [], nodes_to_include=include)
+    q.process()
+    return q.model.model
 
 
 def _replace_graph(path: Path, new: Path) -> None:

@@ -17,6 +17,7 @@ RUNTIMES = {  # name -> "module:Class", alphabetical
     "aoti": "vlmrt.runtimes.aoti:AotiRuntime",
     "compiled": "vlmrt.runtimes.compiled:CompiledRuntime",
     "eager": "vlmrt.runtimes.eager:EagerRuntime",
+    "jax": "vlmrt.runtimes.jax:JaxRuntime",
     "onnx": "vlmrt.runtimes.onnx:OnnxRuntime",
 }
 

@@ -194,3 +194,33 @@ def test_cli_kv_cache_budget_too_small_is_one_clear_line(capsys, photo):
     assert rc == 2 and len(err) == 1 and "raise --kv-cache-gib" in err[0]
     assert main(["run", "--model", "minigpt4-tiny", "--image", str(photo), "--prompt", "Hi", "--max-new-tokens", "3",
                  "--kv-cache-gib", "0.01"]) == 0
+
+
+def test_a_decode_over_the_window_in_use_equals_one_over_the_whole_slot(photo):
+    """A decode attends over the positions in use (rounded up), not all S+1: the logits of the
+    running rows equal those of a call over the whole slot, and a padding row (scratch position,
+    zero mask) stays finite inside the window. A burst of arrivals is admitted a few per step."""
+    from vlmrt.engine import StepInputs, attention_window
+    from vlmrt.generate import split_embedded
+
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    engine = _engine(pipe, max_prefills=2)
+    for p in PROMPTS:
+        engine.add(Request(p, photo, pipe.generation_config(max_new_tokens=20, stop_strings=(), stop_token_ids=())))
+    engine.step()
+    assert len(engine.running) == 2 and len(engine.waiting) == 1  # two prefills in the first step
+    for _ in range(3):
+        engine.step()
+    rt, n, scratch = pipe.runtime, len(engine.running), engine.pool.scratch
+    used = [engine.running[r].used for r in range(n)]
+    slots = torch.tensor([[u] for u in used] + [[scratch]])  # row n: padding
+    mask = engine.mask[:n + 1].clone()
+    mask[torch.arange(n), slots[:n, 0]] = 1
+    embeds, _ = split_embedded(rt.embed(torch.tensor([[5], [7], [9], [0]][:n + 1]), None))
+    positions = slots.clone()
+    call = lambda window: rt.run_step(StepInputs(0, n + 1, embeds, positions, slots, mask, None, {}, window))
+    w, moved = attention_window(StepInputs(0, n + 1, embeds, positions, slots, mask, None, {}, max(used) + 1), scratch)
+    assert max(used) < w < scratch and moved[n, 0] == w - 1 and torch.equal(moved[:n], slots[:n])
+    whole, windowed = call(None), call(max(used) + 1)
+    torch.testing.assert_close(windowed[:n], whole[:n], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(windowed).all()

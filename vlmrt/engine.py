@@ -9,10 +9,11 @@ per running request (vlmrt/kv_cache.py `SlotKVCache`).
  add(request) ─► processor (tokens, pixels) ─► length check ─► waiting (FIFO) ─┐
  abort(id) ─► free its slot now; an "abort" event at the next step             │
                                                                                ▼
- step():  1. admit: while a slot is free, pop a waiting request:
+ step():  1. admit: while a slot is free, pop a waiting request (max_prefills per step at most):
               vision ─► embed ─► prefill [1,L] at slots 0..L-1 of its row ─► sample token 0
           2. decode every running row in one call over pool rows [0, n):
-              token [n] ─► embed ─► decode(positions [n,1], cache_position [n,1], mask [n,S+1])
+              token [n] ─► embed ─► decode(positions [n,1], cache_position [n,1], mask [n,S+1],
+                                            window: the longest row + 1; see attention_window)
               ─► logits [n,V] ─► sample per row (own config, own generator) ─► stop per row
           3. a row that stopped frees its slot at once; events (new tokens, text, finish) out
 
@@ -59,6 +60,8 @@ class EngineOptions:
     kv_cache_gib: float | None = None  # the pool's budget (None: kv_cache.default_kv_budget)
     max_slots: int = 32  # requests decoded together at most; more wait in the queue
     max_seq: int | None = None  # positions per slot (None: the model's context)
+    max_prefills: int = 4  # requests admitted (prefilled) per step at most: a burst of arrivals waits a
+    # step or two instead of stalling every running row for all its prefills at once
 
 
 @dataclass
@@ -241,7 +244,7 @@ class Engine:
         return []
 
     def _admit(self, events: list[Event]) -> None:
-        free = [r for r in range(self.num_slots) if r not in self.running]
+        free = [r for r in range(self.num_slots) if r not in self.running][:max(self.options.max_prefills, 1)]
         while self.waiting and free:
             s = self.waiting.popleft()
             s.slot = free.pop(0)
@@ -266,7 +269,7 @@ class Engine:
         self.mask[s.slot, :L] = 1
         device = self.mask.device
         step = StepInputs(s.slot, s.slot + 1, embeds, positions, torch.arange(L, device=device)[None],
-                          self.mask[s.slot:s.slot + 1], torch.tensor([L - 1], device=device), extras)
+                          self.mask[s.slot:s.slot + 1], torch.tensor([L - 1], device=device), extras, L)
         logits = rt.run_step(step)  # [1,V]
         s.used, s.position = L, int(positions[..., -1].max()) + 1
         token = sample_next_token(logits.to(device), s.history[:, :0], s.config, s.generator)
@@ -292,7 +295,8 @@ class Engine:
         rows = torch.tensor(sorted(self.running), device=device)
         self.mask[rows, slots[rows, 0]] = 1  # open each running row's new position
         embeds, _ = split_embedded(rt.embed(tokens[:, None].to(device), None))  # [n,1,D]
-        logits = rt.run_step(StepInputs(0, n, embeds, positions, slots, self.mask[:n], None, {}))  # [n,V]
+        window = max(s.used for s in self.running.values()) + 1  # key positions any row can see this step
+        logits = rt.run_step(StepInputs(0, n, embeds, positions, slots, self.mask[:n], None, {}, window))  # [n,V]
         picks = self._sample(logits.to(device))
         rt.synchronize()
         self.timers["decode_s"] += time.perf_counter() - t0
@@ -307,11 +311,13 @@ class Engine:
     def _sample(self, logits: torch.Tensor) -> dict[int, int]:
         """logits [n,V] -> slot -> token. Greedy rows without a penalty share one argmax; every other
         row samples alone with its own settings, history and generator."""
-        plain = [r for r, s in self.running.items() if not s.config.do_sample and s.config.repetition_penalty == 1.0]
+        plain = sorted(r for r, s in self.running.items() if not s.config.do_sample and s.config.repetition_penalty == 1.0)
         picks = {}
-        if plain:
+        if plain == list(range(logits.shape[0])):  # every row greedy (the common case): no copy of the logits
+            picks = dict(enumerate(logits.argmax(-1).tolist()))
+        elif plain:
             idx = torch.tensor(plain, device=logits.device)
-            picks = dict(zip(plain, logits.index_select(0, idx).float().argmax(-1).tolist()))
+            picks = dict(zip(plain, logits.index_select(0, idx).argmax(-1).tolist()))
         for r, s in self.running.items():
             if r not in picks:
                 k = len(s.row.tokens)
@@ -373,6 +379,11 @@ class StepInputs:
      attention_mask [n,S+1] valid key positions per row (the scratch position S never valid)
      logits_at     [n] or [1]: the position whose logits come back (None: T == 1)
      extras        named prefill inputs (SliMM's deepstack_embeds [K,n,T,D])
+     window        key positions [0, window) hold every valid key of the call's rows (None:
+                   unknown). A runtime may attend over a window of the pool that holds them (see
+                   `attention_window`) instead of all S+1 positions; rows fed the scratch position
+                   then write inside that window, at its last position (rows that are padding own
+                   no valid key, so any position of theirs is scratch)
     ```
     """
 
@@ -384,3 +395,22 @@ class StepInputs:
     attention_mask: torch.Tensor
     logits_at: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    window: int | None = None
+
+
+WINDOW_MULTIPLE = 64  # attention windows are multiples of this: few distinct shapes (compiled graphs)
+
+
+def attention_window(step: StepInputs, scratch: int, multiple: int = WINDOW_MULTIPLE) -> tuple[int, torch.Tensor]:
+    """The key positions a decode call attends over, and its write positions: `step.window` rounded up
+    to `multiple` (the whole slot, scratch included, when that is not shorter or the window unknown).
+
+    Returns (w, cache_position [n,T]): a padding row's scratch position moved to w - 1, so that every
+    query still sees its own slot inside the window (a fully masked query would give NaN, and a NaN
+    written to a key position poisons whoever later attends over it, even with weight 0).
+    """
+    w = scratch + 1 if step.window is None else min(-(-step.window // multiple) * multiple, scratch + 1)
+    if w > scratch:
+        return scratch + 1, step.cache_position
+    cp = step.cache_position
+    return w, torch.where(cp >= w, torch.full_like(cp, w - 1), cp)

@@ -96,23 +96,27 @@ class SlotView:
         pool: the SlotKVCache.
         rows: [n] pool rows, on the pool's device (call i's row b is pool row rows[b]).
         start: rows[0] when rows is the range [start, start + n), else None.
+        window: read key positions [0, window) only (None: the whole row, scratch included); the
+            call's writes must fall inside it (vlmrt.engine.attention_window).
     """
 
-    def __init__(self, pool: "SlotKVCache", rows: torch.Tensor, start: int | None):
+    def __init__(self, pool: "SlotKVCache", rows: torch.Tensor, start: int | None, window: int | None = None):
         self.pool, self.rows, self.start = pool, rows, start
+        self.window = pool.max_seq + 1 if window is None else window  # key positions [0, window) are read
         self.heads = torch.arange(pool.keys[0].shape[1], device=rows.device) if pool.keys else None  # [H_kv]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
         """k, v [n,H_kv,T,hd] at positions cache_position [n,T] of their rows -> keys, values
-        [n,H_kv,S+1,hd] of those rows."""
+        [n,H_kv,W,hd] of those rows (W = the window, S+1 by default)."""
         index = (self.rows[:, None, None], self.heads[None, :, None], cache_position[:, None, :])  # -> [n,H_kv,T]
         keys, values = self.pool.keys[layer], self.pool.values[layer]
         keys.index_put_(index, k)
         values.index_put_(index, v)
+        w = self.window
         if self.start is not None:
             n = self.rows.shape[0]
-            return keys[self.start:self.start + n], values[self.start:self.start + n]
-        return keys.index_select(0, self.rows), values.index_select(0, self.rows)
+            return keys[self.start:self.start + n, :, :w], values[self.start:self.start + n, :, :w]
+        return keys[:, :, :w].index_select(0, self.rows), values[:, :, :w].index_select(0, self.rows)
 
 
 class SlotKVCache:
@@ -136,9 +140,10 @@ class SlotKVCache:
         self.num_slots, self.max_seq = num_slots, max_seq
         self.scratch = max_seq  # the position padding writes to
 
-    def view(self, start: int, stop: int) -> SlotView:
-        """Rows [start, stop) as one call's cache (made per call: cheap; compiled runtimes keep theirs)."""
-        return SlotView(self, torch.arange(start, stop, device=self.keys[0].device), start)
+    def view(self, start: int, stop: int, window: int | None = None) -> SlotView:
+        """Rows [start, stop), key positions [0, window), as one call's cache (made per call: cheap;
+        compiled runtimes keep theirs)."""
+        return SlotView(self, torch.arange(start, stop, device=self.keys[0].device), start, window)
 
 
 def slot_bytes(num_layers: int, num_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -7,7 +7,7 @@ before capture, one memory pool shared by graphs that never run at the same time
 
 ```
  storage: StaticKVCache [B_max, H_kv, S_max, hd] per layer, allocated once in __init__
-    └► window(Bb, S) = storage[:Bb, :, :S] views (no copy): one per (batch bucket, seq bucket)
+    └► window(Bb, S): writes index_put_ into storage, reads storage[:Bb, :, :S] views (no copy)
 
  encode_images  pixels [b,3,H,W] ─► compiled vision (+ CUDA graph per batch size) ─► features
  embed          eager (a table lookup and a splice; nothing to gain from compiling)
@@ -86,18 +86,30 @@ def pick_bucket(n: int, buckets: tuple[int, ...]) -> int:
 
 
 class _Window:
-    """The first `batch` rows and `seq` slots of a StaticKVCache's storage, as views (no copy).
+    """The first `batch` rows and `seq` slots of a StaticKVCache's storage as one call's cache.
 
     Attends over `seq` slots instead of S_max, so decode reads only the part of the cache a request
-    can use; the write rule is StaticKVCache's own.
+    can use. Writes go into the whole storage buffers (`index_put_`, which Inductor turns into a
+    store into its input) and reads are views of the window: writing through the window's strided
+    view (`index_copy_`) made Inductor copy the whole window into a new buffer and back, for keys and
+    values of every layer at every step (seen in its generated code).
     """
 
-    update = StaticKVCache.update
-
     def __init__(self, storage: StaticKVCache, batch: int, seq: int):
-        self.keys = [k[:batch, :, :seq] for k in storage.keys]  # each [Bb,H_kv,S,hd], strided view
-        self.values = [v[:batch, :, :seq] for v in storage.values]
-        self.max_batch, self.max_seq = batch, seq
+        self.storage, self.max_batch, self.max_seq = storage, batch, seq
+        dev = storage.keys[0].device
+        self.rows = torch.arange(batch, device=dev)[:, None, None]  # [Bb,1,1]
+        self.heads = torch.arange(storage.keys[0].shape[1], device=dev)[None, :, None]  # [1,H_kv,1]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor):
+        """k, v [b,H_kv,T,hd] at slots cache_position [T] (or [b,T]) -> keys, values [b,H_kv,S,hd] views."""
+        b = k.shape[0]
+        slots = cache_position[None, None, :] if cache_position.dim() == 1 else cache_position[:, None, :]  # [1 or b,1,T]
+        index = (self.rows[:b], self.heads, slots)  # -> [b,H_kv,T]
+        keys, values = self.storage.keys[layer], self.storage.values[layer]
+        keys.index_put_(index, k)
+        values.index_put_(index, v)
+        return keys[:b, :, :self.max_seq], values[:b, :, :self.max_seq]
 
 
 def _prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at, extras):

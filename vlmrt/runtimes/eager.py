@@ -61,9 +61,13 @@ class EagerRuntime:
     @torch.inference_mode()
     def run_step(self, step) -> torch.Tensor:
         """One engine decoder call (`vlmrt.engine.StepInputs`) over pool rows [start, stop) -> logits
-        [n,V] at `logits_at` (the only position when T = 1)."""
-        logits = self.model.decode(step.inputs_embeds, step.position_ids, step.attention_mask, step.cache_position,
-                                   self.pool.view(step.start, step.stop), logits_at=step.logits_at, **step.extras)
+        [n,V] at `logits_at` (the only position when T = 1). A decode attends over the window of
+        positions in use (`vlmrt.engine.attention_window`), not the whole slot."""
+        from vlmrt.engine import attention_window
+
+        w, slots = attention_window(step, self.pool.scratch)
+        logits = self.model.decode(step.inputs_embeds, step.position_ids, step.attention_mask[:, :w], slots,
+                                   self.pool.view(step.start, step.stop, w), logits_at=step.logits_at, **step.extras)
         return logits[:, -1]  # [n,V]
 
     @torch.inference_mode()

@@ -114,3 +114,15 @@ def test_a_model_that_takes_one_image_refuses_two(pipe, images):
     one = Processor(replace(pipe.processor.spec, max_images=1), pipe.processor.tokenizer)
     with pytest.raises(VlmrtError, match="at most 1 image per prompt"):
         one.several_images(images, "Compare.")
+
+
+def test_the_onnx_runtime_gives_the_eager_tokens(images, tmp_path_factory):
+    """MiniCPM-V-2: the exported vision graph per image (with its patch inputs), padding chunks cut."""
+    pytest.importorskip("onnxruntime")
+    from onnx_exports import exported
+    from vlmrt.models import load_model
+
+    eager = Pipeline(load_tiny("minicpm-v-tiny"))
+    onnx = Pipeline(load_model(str(exported("minicpm-v-tiny", tmp_path_factory))), "onnx")
+    cfg = eager.generation_config(max_new_tokens=4)
+    assert onnx([images], [TWO], cfg).token_ids == eager([images], [TWO], cfg).token_ids

@@ -56,11 +56,14 @@ def test_decoder_io_names_and_dynamic_axes(family, tmp_path_factory):
     ins, outs = {t.name: t for t in dec.inputs}, {t.name: t for t in dec.outputs}
     for i in range(m.num_layers):
         for kv in ("key", "value"):
-            assert ins[f"past_key_values.{i}.{kv}"].shape == ("batch", m.num_kv_heads, "past_sequence", m.head_dim)
-            assert outs[f"present.{i}.{kv}"].shape == ("batch", m.num_kv_heads, "total_sequence", m.head_dim)
+            # the static-cache form: a fixed-size cache row per request, presents as large as the pasts
+            assert ins[f"past_key_values.{i}.{kv}"].shape == ("batch", m.num_kv_heads, "cache_sequence", m.head_dim)
+            assert outs[f"present.{i}.{kv}"].shape == ("batch", m.num_kv_heads, "cache_sequence", m.head_dim)
     assert ins["inputs_embeds"].shape[:2] == ("batch", "sequence")
-    assert ins["attention_mask"].shape == ("batch", "total_sequence")
-    assert outs["logits"].shape[:2] == ("batch", 1)  # the last position only
+    assert ins["attention_mask"].shape == ("batch", "cache_sequence")
+    assert ins["cache_position"].shape == ("batch", "sequence")  # per-row write slots
+    assert ins["logits_index"].shape == ("batch",)
+    assert outs["logits"].shape[:2] == ("batch", 1)  # one position per row only
     emb = {t.name: t for t in m.stages["embedding"].inputs}
     assert emb["input_ids"].shape == ("batch", "sequence")
     assert emb["image_features"].shape[:2] == ("batch", "image_tokens")  # every family splices image features

@@ -105,6 +105,7 @@ def _greedy(folder, n):
     eager = Pipeline(load_tiny(m.name), "eager")
     static = Pipeline(load_model(str(folder)))
     assert type(static.runtime).__name__ == "StaticOnnxRuntime"
+    assert not hasattr(static.runtime, "run_step")  # bucketed graphs: the lock-step loop, not the engine
     cfg = replace(eager.generation_config(max_new_tokens=32), stop_strings=(), stop_token_ids=())
     ref, out = eager(images(n), PROMPTS[:n], cfg), static(images(n), PROMPTS[:n], cfg)
     assert [len(ids) for ids in ref.token_ids] == [32] * n

@@ -25,7 +25,8 @@ still written for it and read; docs/export.md has a worked example):
 ```
 
 A shape entry is an int (fixed) or a dimension name (dynamic), the names used in shape comments:
-batch, sequence (T), past_sequence, total_sequence (S = past + T), image_tokens (N_img).
+batch, sequence (T), cache_sequence (S: KV-cache slots per row), image_tokens (N_img); exports of earlier
+versions name past_sequence and total_sequence (S = past + T) instead.
 """
 
 from __future__ import annotations

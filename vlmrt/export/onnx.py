@@ -16,14 +16,19 @@ Graph I/O (names from vlmrt/stages.py; dimension names as in the shape comments)
 ```
  vision     pixel_values [batch,3,H,W]                       ─► image_features [batch,image_tokens,D]
  embedding  input_ids [batch,sequence], image_features       ─► inputs_embeds [batch,sequence,D]
- decoder    inputs_embeds [batch,sequence,D], position_ids [batch,sequence],
-            attention_mask [batch,total_sequence], past_key_values.{i}.key|value [batch,H_kv,past_sequence,hd]
-            ─► logits [batch,1,V] (the last position's), present.{i}.key|value [batch,H_kv,total_sequence,hd]
+ decoder    inputs_embeds [batch,sequence,D], position_ids [batch,sequence] (M-RoPE [3,batch,sequence]),
+            attention_mask [batch,cache_sequence], cache_position [batch,sequence], logits_index [batch],
+            past_key_values.{i}.key|value [batch,H_kv,cache_sequence,hd]  (+ family extras by name)
+            ─► logits [batch,1,V] (row b at logits_index[b]), present.{i}.key|value [batch,H_kv,cache_sequence,hd]
 ```
 
-The decoder runs on a `ConcatKVCache` (presents = pasts + the new tokens), and its cache slots are
-`past_sequence + arange(sequence)`, so one graph serves prefill (past_sequence = 0) and decode
-(sequence = 1). The embedding graph is called with image_tokens = 0 for text only (decode steps).
+The decoder is the static-cache form (vlmrt/export/static_cache.py) with dynamic axes: every row
+writes its new keys at its own `cache_position` slots of a fixed-size cache row (a scatter) and the
+presents keep the pasts' size. So one graph serves prefill and decode, the lock-step loop (every
+row at the same slots) and the engine (rows at their own positions, joining and leaving at any
+step); the onnx runtime binds each present to its past's buffer, so the cache is written in place
+(vlmrt/runtimes/onnx.py). The embedding graph is called with image_tokens = 0 for text only
+(decode steps).
 
 Family hook: a family's model class may define `export_io(self, stage, io) -> StageIO | None`.
 It receives the default `StageIO` of a stage (example inputs, dynamic axes) and may add inputs,
@@ -38,7 +43,7 @@ returns a dict gets one graph output per key. Examples (not code here):
 For static exports (vlmrt/export/static.py) a hook may set `io.static_sizes` (dimension name ->
 size) for named axes other than batch and sequence; MiniCPM-V-2 fixes its chunk axes there.
 At run time an input the caller leaves out is fed as zeros whose named dimensions take the sizes
-known at that call (batch, sequence, past_sequence, total_sequence) and 0 otherwise, so a family's
+known at that call (batch, sequence, cache_sequence) and 0 otherwise, so a family's
 extra inputs must treat zeros (or an empty axis) as "nothing to add". MiniGPT-4 needs no hook.
 
 Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`. It exports our compact
@@ -64,9 +69,9 @@ from torch import nn
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import MANIFEST, Manifest, StageInfo, TensorInfo, write_manifest
-from vlmrt.kv_cache import ConcatKVCache
-from vlmrt.stages import (ATTENTION_MASK, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS, PIXEL_VALUES,
-                          POSITION_IDS, STAGES, past_key_name, past_value_name, present_key_name, present_value_name)
+from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUT_IDS, INPUTS_EMBEDS, LOGITS,
+                          LOGITS_INDEX, PIXEL_VALUES, POSITION_IDS, STAGES, past_key_name, past_value_name,
+                          present_key_name, present_value_name)
 
 DEFAULT_OPSET = 17
 EXPORT_DTYPES = ("fp32", "fp16")
@@ -78,11 +83,13 @@ DEFAULT_AXES = {  # name -> {axis: dimension name}; a family's hook may override
     INPUT_IDS: {0: "batch", 1: "sequence"},
     INPUTS_EMBEDS: {0: "batch", 1: "sequence"},
     POSITION_IDS: {0: "batch", 1: "sequence"},
-    ATTENTION_MASK: {0: "batch", 1: "total_sequence"},
-    LOGITS: {0: "batch"},  # [batch,1,V]: generation reads the last position only
+    ATTENTION_MASK: {0: "batch", 1: "cache_sequence"},
+    CACHE_POSITION: {0: "batch", 1: "sequence"},
+    LOGITS_INDEX: {0: "batch"},
+    LOGITS: {0: "batch"},  # [batch,1,V]: generation reads one position per row only
 }
-PAST_AXES = {0: "batch", 2: "past_sequence"}  # past_key_values.{i}.key|value
-PRESENT_AXES = {0: "batch", 2: "total_sequence"}  # present.{i}.key|value
+PAST_AXES = {0: "batch", 2: "cache_sequence"}  # past_key_values.{i}.key|value
+PRESENT_AXES = {0: "batch", 2: "cache_sequence"}  # present.{i}.key|value: the same buffers, written
 
 Progress = Callable[[str], None]
 
@@ -147,18 +154,18 @@ class StageModule(nn.Module):
         return _flatten(self.model.embed(ids, arg, **named), INPUTS_EMBEDS)
 
     def _decoder(self, named):
+        from vlmrt.export.static_cache import ScatterKVCache  # model code: not imported to run an export
+
         embeds, positions, mask = named.pop(INPUTS_EMBEDS), named.pop(POSITION_IDS), named.pop(ATTENTION_MASK)
+        slots, at = named.pop(CACHE_POSITION), named.pop(LOGITS_INDEX)  # [B,T], [B]
         n = self.model.num_layers
-        keys = [named.pop(past_key_name(i)) for i in range(n)]  # each [B,H_kv,P,hd]
-        values = [named.pop(past_value_name(i)) for i in range(n)]
-        cache = ConcatKVCache(keys, values)
-        cache_position = torch.arange(embeds.shape[1], device=embeds.device) + keys[0].shape[2]  # [T]: P..P+T-1
-        last = (cache_position[-1] - cache_position[0]).reshape(1)  # [1], static: logits [batch,1,V]
-        logits = self.model.decode(embeds, positions, mask, cache_position, cache, logits_at=last, **named)
+        cache = ScatterKVCache([named.pop(past_key_name(i)) for i in range(n)],  # each [B,H_kv,S,hd]
+                               [named.pop(past_value_name(i)) for i in range(n)])
+        logits = self.model.decode(embeds, positions, mask, slots, cache, logits_at=at, **named)  # [B,1,V]
         names, outs = [LOGITS], [logits]
         for i in range(n):
             names += [present_key_name(i), present_value_name(i)]
-            outs += [cache.keys[i], cache.values[i]]  # [B,H_kv,P+T,hd]
+            outs += [cache.keys[i], cache.values[i]]  # [B,H_kv,S,hd]
         return names, outs
 
 
@@ -175,17 +182,12 @@ def default_io(stage: str, loaded, upstream: dict[str, torch.Tensor]) -> StageIO
         row = [1] + [loaded.spec.image_token_id] * n + [3, 4, 5]
         ids = torch.tensor([row, [1, 6] + row[1:-1]], device=dev)  # [2,T]: two rows, different text
         return StageIO({INPUT_IDS: ids, **upstream})
+    from vlmrt.export.static_cache import example_inputs
+
     embedded = dict(upstream)  # the embedding stage's outputs: inputs_embeds [2,T,D] (+ extras)
     embeds = embedded.pop(INPUTS_EMBEDS)
-    b, t = embeds.shape[:2]
-    past = 4  # a non-empty past, so the trace covers the concatenation
-    gen = torch.Generator().manual_seed(1)
-    kv = lambda: torch.randn(b, m.num_kv_heads, past, m.head_dim, generator=gen).to(dev, dtype)  # [B,H_kv,P,hd]
-    inputs = {INPUTS_EMBEDS: embeds, POSITION_IDS: torch.arange(past, past + t, device=dev)[None].expand(b, -1),
-              ATTENTION_MASK: torch.ones(b, past + t, dtype=torch.long, device=dev), **embedded}
-    for i in range(m.num_layers):
-        inputs[past_key_name(i)], inputs[past_value_name(i)] = kv(), kv()
-    return StageIO(inputs)
+    # a cache row longer than the prompt, the rows at different slots: the trace cannot tie S to T
+    return StageIO(example_inputs(m, embeds, embeds.shape[1] + 5, embedded))
 
 
 # ----------------------------------------------------------------------------- one graph
@@ -425,7 +427,7 @@ def cache_folder(loaded) -> Path:
 
 def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
     """The cached export of `loaded`, made now if missing, unfinished or stale (another vlmrt
-    version or an edited preset)."""
+    version, an edited preset, or a decoder of the earlier concatenating form)."""
     from vlmrt import __version__
     from vlmrt.export.manifest import read_manifest
 
@@ -434,7 +436,8 @@ def ensure_export(loaded, progress: Progress | None = print_progress) -> Path:
         try:
             m = read_manifest(folder)
             weights = "fp" if loaded.weights is None else loaded.weights.tag
-            if m.vlmrt_version == __version__ and m.config_hash == config_hash(loaded) and m.weights == weights:
+            slots = CACHE_POSITION in {t.name for t in m.stages["decoder"].inputs}  # not the concatenating form
+            if m.vlmrt_version == __version__ and m.config_hash == config_hash(loaded) and m.weights == weights and slots:
                 return folder
         except VlmrtError:
             pass

@@ -344,10 +344,11 @@ class Engine:
         rows = [r for r, s in self.running.items() if s.config.logprobs is not None]
         if not rows:
             return {}
-        idx = torch.tensor(rows, device=logits.device)
         tokens = torch.tensor([picks[r] for r in rows], device=logits.device)
         tops = [self.running[r].config.logprobs for r in rows]
-        return dict(zip(rows, token_logprobs(logits.index_select(0, idx), tokens, tops)))
+        if rows != list(range(logits.shape[0])):  # some rows did not ask: theirs are left out, not computed
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return dict(zip(rows, token_logprobs(logits, tokens, tops)))
 
     def _accept(self, s: _State, tokens: list[int], events: list[Event], logprob: TokenLogprob | None = None) -> None:
         """Push a sampled token: history, stops, max tokens; an event; free the slot on a finish."""
@@ -400,11 +401,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) 
         tokens: [m] the token sampled in each row.
         tops: per row, how many of the most likely tokens to list (0: none).
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [m,V]
-    chosen = logprobs.gather(1, tokens.view(-1, 1).to(logprobs.device))[:, 0].tolist()  # [m]
-    k = min(max(tops), logprobs.shape[-1])
-    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())  # [m,k]
-    values, ids = values.tolist(), ids.tolist()
+    x = logits.float()  # [m,V]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [m,1]: log_softmax(x) = x - lse, never built whole
+    chosen = (x.gather(1, tokens.view(-1, 1).to(x.device)) - lse)[:, 0].tolist()  # [m]
+    k = min(max(tops), x.shape[-1])
+    values, ids = x.topk(k, dim=-1) if k else (x[:, :0], x[:, :0].long())  # [m,k]
+    values, ids = (values - lse).tolist(), ids.tolist()
     return [TokenLogprob(int(t), c, tuple(zip(i[:n], v[:n])))
             for t, c, i, v, n in zip(tokens.tolist(), chosen, ids, values, tops)]
 

@@ -45,7 +45,6 @@ MAX_IMAGES = 1  # per request: every family's processor (vlmrt/processor.py) pla
 EXTRA = "serve"  # pip install 'vlmrt[serve]'
 _UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                 "audio": None, "modalities": None, "prediction": None}
-_WHY: dict[str, str] = {}  # field -> why it is refused, where that helps
 
 
 def require_serve_extra() -> None:
@@ -88,7 +87,7 @@ def parse_chat_request(body, pipeline, model_name: str, media: MediaPolicy | Non
                              "(GET /v1/models)", "invalid_request_error", "model_not_found")
     for name, neutral in _UNSUPPORTED.items():
         if body.get(name) not in (None, neutral):
-            raise HttpError(400, f"`{name}` is not supported by vlmrt{_WHY.get(name, '')}; leave it out (or set it "
+            raise HttpError(400, f"`{name}` is not supported by vlmrt; leave it out (or set it "
                                  f"to {json.dumps(neutral)})")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):

@@ -114,8 +114,9 @@ def test_each_of_n_sampled_choices_has_its_own_logprobs(client, messages):
 
 
 def test_no_logprobs_unless_asked(client, messages):
-    out = client.chat.completions.create(model="minigpt4-tiny", messages=messages, max_tokens=2)
-    assert out.choices[0].logprobs is None
+    for fields in ({}, {"top_logprobs": 0}, {"logprobs": False}):
+        out = client.chat.completions.create(model="minigpt4-tiny", messages=messages, max_tokens=2, **fields)
+        assert out.choices[0].logprobs is None
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -34,7 +34,7 @@ def requested_logprobs(body: dict) -> int | None:
         if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
             raise HttpError(400, f"`top_logprobs` must be an integer in [0, {MAX_TOP_LOGPROBS}], got "
                                  f"{json.dumps(top)[:40]}")
-        if asked is not True:
+        if top and asked is not True:  # 0 asks for nothing, so it may come alone (some clients send it)
             raise HttpError(400, "`top_logprobs` needs `logprobs` set to true; add \"logprobs\": true")
     return (top or 0) if asked else None
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import load_tiny
+from engine_spy import spied as _spied
 from families import FAMILY_TESTS
 from vlmrt.engine import Engine, EngineOptions, Request
 from vlmrt.errors import VlmrtError
@@ -27,29 +28,6 @@ def _engine(pipe, slots: int = 4, **kw) -> Engine:
 
 def _alone(pipe, request: Request) -> list[int]:
     return _engine(pipe).run([request])[0].row.tokens
-
-
-class _Spy:
-    """A runtime whose engine calls keep the logits of one request (by id), in call order."""
-
-    def __init__(self, runtime):
-        self.runtime, self.engine, self.watch, self.logits = runtime, None, None, []
-
-    def __getattr__(self, name):
-        return getattr(self.runtime, name)
-
-    def run_step(self, step):
-        out = self.runtime.run_step(step)
-        s = self.engine._live.get(self.watch)
-        if s is not None and s.slot >= 0 and step.start <= s.slot < step.stop:
-            self.logits.append(out[s.slot - step.start].clone())
-        return out
-
-
-def _spied(pipe, slots: int = 4) -> tuple[Engine, _Spy]:
-    spy = _Spy(pipe.runtime)
-    spy.engine = Engine(spy, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=slots))
-    return spy.engine, spy
 
 
 def _drain(engine: Engine) -> dict[int, list]:

@@ -35,10 +35,11 @@ def traced(request):
     return Pipeline(loaded, "eager"), Pipeline(loaded, "compiled", {**ONE_BUCKET, "backend": "eager"})
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_compiled_graphs_match_eager_per_family(traced, photo, rows):
+def test_compiled_graphs_match_eager_per_family(traced, photo):
+    """3 requests of different lengths, 64 tokens each. (On the engine every request is prefilled
+    alone, so the one-row case is the first of these rows: a separate batch-1 run adds no path.)"""
     eager, compiled = traced
-    assert _answers(compiled, photo, rows) == _answers(eager, photo, rows)
+    assert _answers(compiled, photo, 3) == _answers(eager, photo, 3)
 
 
 def test_compiled_graphs_match_eager_tensor_by_tensor(traced):
@@ -59,13 +60,12 @@ def test_inductor_matches_eager_tensor_by_tensor(inductor):
     assert_runtime_parity(eager.loaded, compiled.runtime, steps=8)
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_inductor_matches_eager_64_tokens(inductor, photo, rows):
+def test_inductor_matches_eager_64_tokens(inductor, photo):
     eager, compiled = inductor
-    expected = _answers(eager, photo, rows)
-    assert _answers(compiled, photo, rows) == expected
+    expected = _answers(eager, photo, 3)
+    assert _answers(compiled, photo, 3) == expected
     spent = compiled.runtime.compile_s
-    assert _answers(compiled, photo, rows) == expected  # a second request reuses the compiled graphs
+    assert _answers(compiled, photo, 1) == expected[:1]  # a second request reuses the compiled graphs
     assert compiled.runtime.compile_s == spent
 
 

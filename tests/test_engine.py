@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import load_tiny
+from engine_spy import spied as _spied
 from families import FAMILY_TESTS
 from vlmrt.engine import Engine, EngineOptions, Request
 from vlmrt.errors import VlmrtError
@@ -27,29 +28,6 @@ def _engine(pipe, slots: int = 4, **kw) -> Engine:
 
 def _alone(pipe, request: Request) -> list[int]:
     return _engine(pipe).run([request])[0].row.tokens
-
-
-class _Spy:
-    """A runtime whose engine calls keep the logits of one request (by id), in call order."""
-
-    def __init__(self, runtime):
-        self.runtime, self.engine, self.watch, self.logits = runtime, None, None, []
-
-    def __getattr__(self, name):
-        return getattr(self.runtime, name)
-
-    def run_step(self, step):
-        out = self.runtime.run_step(step)
-        s = self.engine._live.get(self.watch)
-        if s is not None and s.slot >= 0 and step.start <= s.slot < step.stop:
-            self.logits.append(out[s.slot - step.start].clone())
-        return out
-
-
-def _spied(pipe, slots: int = 4) -> tuple[Engine, _Spy]:
-    spy = _Spy(pipe.runtime)
-    spy.engine = Engine(spy, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=slots))
-    return spy.engine, spy
 
 
 def _drain(engine: Engine) -> dict[int, list]:
@@ -224,3 +202,33 @@ def test_a_decode_over_the_window_in_use_equals_one_over_the_whole_slot(photo):
     whole, windowed = call(None), call(max(used) + 1)
     torch.testing.assert_close(windowed[:n], whole[:n], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(windowed).all()
+
+
+def test_logprobs_are_the_raw_distribution_s_for_the_rows_that_ask_only(photo):
+    """A sampled row asks for 3 top tokens beside a greedy row that asks for none and one that asks
+    for 0: values are log_softmax of the lock-step loop's logits (raw: before temperature and top-k),
+    asking changes no token, the others' events carry None."""
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    cfg = lambda **kw: pipe.generation_config(max_new_tokens=6, stop_strings=(), stop_token_ids=(), **kw)
+    sampled = dict(do_sample=True, temperature=1.5, top_k=30, seed=5)
+    reqs = [Request(PROMPTS[1], photo, cfg()), Request(PROMPTS[0], photo, cfg(logprobs=3, **sampled)),
+            Request(PROMPTS[2], photo, cfg(logprobs=0))]
+    engine = _engine(pipe)
+    ids = [engine.add(r) for r in reqs]
+    events = _drain(engine)
+    assert all(ev.logprobs is None for ev in events[ids[0]])
+    lps = [lp for ev in events[ids[1]] for lp in ev.logprobs or []]
+    tokens = [lp.token_id for lp in lps]
+    assert tokens == engine.run([Request(PROMPTS[0], photo, cfg(**sampled))])[0].row.tokens
+    batch = pipe.processor([photo], [PROMPTS[0]])
+    ref = torch.log_softmax(torch.cat(forced_logits(pipe.runtime, batch, torch.tensor([tokens]))), -1)  # [6,V]
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in lps]), ref[range(6), tokens], rtol=0, atol=1e-4)
+    top = ref.topk(3, dim=-1)
+    assert [[t for t, _ in lp.top] for lp in lps] == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor([[v for _, v in lp.top] for lp in lps]), top.values, rtol=0, atol=1e-4)
+    zero = [lp for ev in events[ids[2]] for lp in ev.logprobs or []]
+    assert len(zero) == 6 and all(lp.top == () and lp.logprob <= 0 for lp in zero)
+    with pytest.raises(VlmrtError, match="logprobs must be None or an integer >= 0"):
+        pipe.generation_config(logprobs=-1)
+    with pytest.raises(VlmrtError, match="beam search returns no token log-probabilities"):
+        pipe.generation_config(logprobs=2, num_beams=2)

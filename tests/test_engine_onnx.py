@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_tiny
+from engine_spy import spied as _spied
 from families import FAMILY_TESTS
 from onnx_exports import exported
 from vlmrt.engine import Engine, EngineOptions, Request
@@ -26,29 +27,6 @@ def pipes(request, tmp_path_factory):
     """(eager, onnx) pipelines of one family's tiny preset; the onnx one on the shared export."""
     loaded = load_tiny(FAMILY_TESTS[request.param]["tiny"])
     return Pipeline(loaded, "eager"), Pipeline(load_model(str(exported(loaded.name, tmp_path_factory))), "onnx")
-
-
-class _Spy:
-    """A runtime whose engine calls keep the logits of one request (by id), in call order."""
-
-    def __init__(self, runtime):
-        self.runtime, self.engine, self.watch, self.logits = runtime, None, None, []
-
-    def __getattr__(self, name):
-        return getattr(self.runtime, name)
-
-    def run_step(self, step):
-        out = self.runtime.run_step(step)
-        s = self.engine._live.get(self.watch)
-        if s is not None and s.slot >= 0 and step.start <= s.slot < step.stop:
-            self.logits.append(out[s.slot - step.start].clone())
-        return out
-
-
-def _spied(pipe) -> tuple[Engine, _Spy]:
-    spy = _Spy(pipe.runtime)
-    spy.engine = Engine(spy, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=4))
-    return spy.engine, spy
 
 
 def _tokens(engine: Engine, events: dict) -> dict[int, list[int]]:

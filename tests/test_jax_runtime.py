@@ -148,3 +148,16 @@ def test_beam_search_matches_eager():
     batch, cfg = parity_batch(loaded, 2), GenerationConfig(max_new_tokens=4, num_beams=2)
     ref = generate(EagerRuntime(loaded), batch, cfg, loaded.tokenizer).token_ids
     assert generate(runtime, batch, cfg, loaded.tokenizer).token_ids == ref
+
+
+def test_torch_compile_still_works_after_torchax_is_imported():
+    """torchax renames torch's PrivateUse1 backend to "jax"; a later torch.compile in the same
+    process (the compiled runtime beside the jax one, or the next test file) must still trace."""
+    if importlib.util.find_spec("jax") is None or importlib.util.find_spec("torchax") is None:
+        pytest.skip("the [jax] extra (jax, torchax) is not installed")
+    from vlmrt.runtimes.torchax_bridge import import_jax
+
+    import_jax()
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    assert torch.equal(f(torch.arange(3)), torch.arange(3) * 2 + 1)

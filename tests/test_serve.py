@@ -188,8 +188,6 @@ BAD = {  # case: (photo -> body, what the message says)
     "bad temperature": (lambda photo: chat(data_url(photo), temperature="hot"), "`temperature` must be a number"),
     "bad n": (lambda photo: chat(data_url(photo), n=0), "`n` must be an integer in [1, 16]"),
     "n with beams": (lambda photo: chat(data_url(photo), n=2, num_beams=2), "beam search gives one answer"),
-    "logprobs": (lambda photo: chat(data_url(photo), logprobs=True), "`logprobs` is not supported"),
-    "top_logprobs": (lambda photo: chat(data_url(photo), top_logprobs=2), "`top_logprobs` is not supported"),
     "tools": (lambda photo: chat(data_url(photo), tools=[{"type": "function", "function": {"name": "f"}}]),
               "`tools` is not supported"),
     "response_format": (lambda photo: chat(data_url(photo), response_format={"type": "json_object"}),

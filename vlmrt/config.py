@@ -45,6 +45,8 @@ class GenerationConfig:
     num_beams: int = 1  # 1: greedy or sampling; > 1: beam search
     length_penalty: float = 1.0  # beam search: finished scores are divided by length ** length_penalty
     early_stopping: bool = False  # beam search: see above
+    logprobs: int | None = None  # the engine's events carry each sampled token's log-probability and this
+    # many most likely tokens (vlmrt.engine.TokenLogprob; None: none, 0: the sampled token's only)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -57,6 +59,10 @@ class GenerationConfig:
             raise VlmrtError("top_k must be >= 0 and repetition_penalty > 0")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise VlmrtError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise VlmrtError(f"logprobs must be None or an integer >= 0 (how many top tokens), got {self.logprobs!r}")
+        if self.logprobs is not None and self.num_beams > 1:
+            raise VlmrtError("beam search returns no token log-probabilities; use num_beams=1 with logprobs")
         if self.num_beams > 1 and self.do_sample:
             raise VlmrtError(f"beam search (num_beams={self.num_beams}) with sampling is not supported; "
                              "drop the temperature (do_sample) or use num_beams=1")

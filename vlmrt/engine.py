@@ -89,6 +89,18 @@ class Event:
     text: str  # newly final text of the answer
     finished: str | None = None  # "stop", "length" or "abort" on the request's last event
     time: float = 0.0  # perf_counter when the event was made
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request's config asks (`logprobs`)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the distribution the model produced (log_softmax of
+    the raw logits: before repetition penalty, temperature, top-k and top-p, as vLLM's default
+    "raw_logprobs"), and the `GenerationConfig.logprobs` most likely tokens of that distribution."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), the most likely first
 
 
 @dataclass
@@ -273,12 +285,14 @@ class Engine:
         logits = rt.run_step(step)  # [1,V]
         s.used, s.position = L, int(positions[..., -1].max()) + 1
         token = sample_next_token(logits.to(device), s.history[:, :0], s.config, s.generator)
+        asked = s.config.logprobs
+        logprob = None if asked is None else token_logprobs(logits.to(device), token, [asked])[0]
         rt.synchronize()
         t2 = time.perf_counter()
         self.timers["vision_s"] += t1 - t0
         self.timers["prefill_s"] += t2 - t1
         s.first_token = t2
-        self._accept(s, [int(token[0])], events)
+        self._accept(s, [int(token[0])], events, logprob)
 
     def _encode(self, batch: dict):
         """The vision stage's output for a one-row batch (None: text only). Several images of the
@@ -318,6 +332,7 @@ class Engine:
         window = max(s.used for s in self.running.values()) + 1  # key positions any row can see this step
         logits = rt.run_step(StepInputs(0, n, embeds, positions, slots, self.mask[:n], None, {}, window))  # [n,V]
         picks = self._sample(logits.to(device))
+        asked = self._logprobs(logits.to(device), picks)
         rt.synchronize()
         self.timers["decode_s"] += time.perf_counter() - t0
         self.timers["decode_steps"] += 1
@@ -326,7 +341,7 @@ class Engine:
             s.used += 1
             s.position += 1
         for r, s in rows:
-            self._accept(s, [picks[r]], events)
+            self._accept(s, [picks[r]], events, asked.get(r))
 
     def _sample(self, logits: torch.Tensor) -> dict[int, int]:
         """logits [n,V] -> slot -> token. Greedy rows without a penalty share one argmax; every other
@@ -344,14 +359,26 @@ class Engine:
                 picks[r] = int(sample_next_token(logits[r:r + 1], s.history[:, :k], s.config, s.generator)[0])
         return picks
 
-    def _accept(self, s: _State, tokens: list[int], events: list[Event]) -> None:
+    def _logprobs(self, logits: torch.Tensor, picks: dict[int, int]) -> dict[int, TokenLogprob]:
+        """logits [n,V] -> slot -> TokenLogprob, for the rows whose config asks only (none: no work)."""
+        rows = [r for r, s in self.running.items() if s.config.logprobs is not None]
+        if not rows:
+            return {}
+        tokens = torch.tensor([picks[r] for r in rows], device=logits.device)
+        tops = [self.running[r].config.logprobs for r in rows]
+        if rows != list(range(logits.shape[0])):  # some rows did not ask: theirs are left out, not computed
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return dict(zip(rows, token_logprobs(logits, tokens, tops)))
+
+    def _accept(self, s: _State, tokens: list[int], events: list[Event], logprob: TokenLogprob | None = None) -> None:
         """Push a sampled token: history, stops, max tokens; an event; free the slot on a finish."""
         k = len(s.row.tokens)
         s.history[0, k] = tokens[0]
         text = s.row.push(tokens[0])
         if s.row.finished is None and len(s.row.tokens) >= s.config.max_new_tokens:
             text += s.row.finish("length")
-        events.append(Event(s.id, tokens, text, s.row.finished, time.perf_counter()))
+        events.append(Event(s.id, tokens, text, s.row.finished, time.perf_counter(),
+                            None if logprob is None else [logprob]))
         if s.row.finished is not None:
             self._free(s)
 
@@ -384,6 +411,24 @@ class Engine:
         self.mask[top].zero_()
         s.slot = free
         self.running[free] = s
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int]) -> list[TokenLogprob]:
+    """Log-probabilities of sampled tokens and of each row's most likely ones.
+
+    Args:
+        logits: [m,V] the raw logits of m rows (any float dtype; computed in fp32).
+        tokens: [m] the token sampled in each row.
+        tops: per row, how many of the most likely tokens to list (0: none).
+    """
+    x = logits.float()  # [m,V]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [m,1]: log_softmax(x) = x - lse, never built whole
+    chosen = (x.gather(1, tokens.view(-1, 1).to(x.device)) - lse)[:, 0].tolist()  # [m]
+    k = min(max(tops), x.shape[-1])
+    values, ids = x.topk(k, dim=-1) if k else (x[:, :0], x[:, :0].long())  # [m,k]
+    values, ids = (values - lse).tolist(), ids.tolist()
+    return [TokenLogprob(int(t), c, tuple(zip(i[:n], v[:n])))
+            for t, c, i, v, n in zip(tokens.tolist(), chosen, ids, values, tops)]
 
 
 @dataclass

@@ -36,6 +36,7 @@ from typing import Callable, Protocol
 import torch
 
 from vlmrt.config import GenerationConfig
+from vlmrt.errors import VlmrtError
 
 StreamCallback = Callable[[int, str], None]  # (row, new text)
 
@@ -313,6 +314,9 @@ def generate(runtime: StageRunner, batch: dict, cfg: GenerationConfig, tokenizer
     With cfg.num_beams > 1 this is beam search (vlmrt/beam.py): no lookahead, and `on_text` gets each
     row's answer once, at the end.
     """
+    if cfg.logprobs is not None:
+        raise VlmrtError("generate() returns no token log-probabilities; run the request on the engine "
+                         "(vlmrt.engine.Engine: its events carry them)")
     if cfg.num_beams > 1:
         from vlmrt.beam import beam_search  # it imports this module's helpers
 

@@ -15,7 +15,7 @@ server: abort on disconnect, `--allowed-local-media-path`, `--api-key`, `/metric
      URLs, or files under --allowed-local-media-path; up to the family's max_images),
      GenerationConfig                                                ─► EngineLoop.submit (503 if full)
    Answer (the ASGI response): watches the connection from submit to its last byte
-   ◄── job.queue: ("text", piece)* then ("done", answer) | ("error", HttpError) ◄── engine.step()
+   ◄── job.queue: ("text", (piece, logprobs))* then ("done", answer) | ("error", HttpError) ◄── engine.step()
    client gone or --request-timeout passed ─► EngineLoop.abort ─► engine.abort before the next step
 ```
 """
@@ -35,6 +35,7 @@ from pathlib import Path
 from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
 from vlmrt.processor import Conversation
+from vlmrt.serve_logprobs import TokenPieces, choice_logprobs, requested_logprobs
 from vlmrt.serve_loop import EngineLoop, HttpError, Job, http_error
 from vlmrt.serve_media import MediaPolicy, load_image_url
 from vlmrt.serve_options import ServeOptions  # noqa: F401 (part of this module's API)
@@ -42,11 +43,8 @@ from vlmrt.serve_options import ServeOptions  # noqa: F401 (part of this module'
 CHAT_PATH = "/v1/chat/completions"
 MAX_CHOICES = 16  # `n`: each choice is one engine request
 EXTRA = "serve"  # pip install 'vlmrt[serve]'
-_UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
-                "logit_bias": {}, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+_UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                 "audio": None, "modalities": None, "prediction": None}
-_WHY = {"logprobs": " (the engine returns no token log-probabilities)",
-        "top_logprobs": " (the engine returns no token log-probabilities)"}
 
 
 def require_serve_extra() -> None:
@@ -89,7 +87,7 @@ def parse_chat_request(body, pipeline, model_name: str, media: MediaPolicy | Non
                              "(GET /v1/models)", "invalid_request_error", "model_not_found")
     for name, neutral in _UNSUPPORTED.items():
         if body.get(name) not in (None, neutral):
-            raise HttpError(400, f"`{name}` is not supported by vlmrt{_WHY.get(name, '')}; leave it out (or set it "
+            raise HttpError(400, f"`{name}` is not supported by vlmrt; leave it out (or set it "
                                  f"to {json.dumps(neutral)})")
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
@@ -207,10 +205,14 @@ def generation_config(body: dict, pipeline) -> GenerationConfig:
     sample = temperature > 0
     if sample and beams > 1:
         raise HttpError(400, "`num_beams` > 1 searches deterministically; set `temperature` to 0 (or leave it out)")
+    logprobs = requested_logprobs(body)
+    if logprobs is not None and beams > 1:
+        raise HttpError(400, "`logprobs` with `num_beams` > 1 is not served (beam search returns no token "
+                             "log-probabilities); leave one out")
     config = pipeline.generation_config(
         max_new_tokens=max_new, do_sample=sample, temperature=float(temperature) if sample else 1.0,
         top_k=top_k if sample else 0, top_p=float(top_p) if sample else 1.0, repetition_penalty=float(penalty),
-        num_beams=beams,
+        num_beams=beams, logprobs=logprobs,
         seed=seed if sample else 0, stop_strings=tuple(pipeline.loaded.spec.stop_strings) + stops,
     )
     return config
@@ -236,11 +238,13 @@ def _stop_strings(value) -> tuple[str, ...]:
 # ---- responses ----
 
 
-def completion_json(answers: list[dict], model: str) -> dict:
+def completion_json(answers: list[dict], model: str, pieces: TokenPieces | None = None) -> dict:
     """The engine answers of a request's choices -> OpenAI's `chat.completion` object, plus vlmrt's
-    timings (per choice when there are several). The prompt counts once in `usage`."""
+    timings (per choice when there are several). The prompt counts once in `usage`. `pieces` turns
+    the token ids of asked-for log-probabilities into text."""
     choices = [{"index": i, "message": {"role": "assistant", "content": a["text"]},
-                "finish_reason": a["finish_reason"], "logprobs": None} for i, a in enumerate(answers)]
+                "finish_reason": a["finish_reason"], "logprobs": choice_logprobs(pieces, a.get("logprobs"))}
+               for i, a in enumerate(answers)]
     return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": total_usage(answers),
             "vlmrt": answers[0]["vlmrt"] if len(answers) == 1 else {"choices": [a["vlmrt"] for a in answers]}}
@@ -252,10 +256,10 @@ def total_usage(answers: list[dict]) -> dict:
 
 
 def chunk_json(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None, index: int = 0,
-               **extra) -> dict:
+               logprobs: dict | None = None, **extra) -> dict:
     """One `chat.completion.chunk` of a stream (of choice `index`); every chunk of a stream shares id
-    and created."""
-    choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    and created. `logprobs`: those of the chunk's tokens (choice_logprobs)."""
+    choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra}
 
 
@@ -282,6 +286,7 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
     card = {"id": model_name, "object": "model", "created": created, "owned_by": "vlmrt"}
     media = MediaPolicy(options.allowed_local_media_path, tuple(d.lower() for d in options.allowed_media_domains),
                         options.image_fetch_timeout_s, int(options.max_body_mib * 2**20))
+    pieces = TokenPieces(loop.pipeline.loaded.tokenizer)
     routes = f"POST {CHAT_PATH}, GET /v1/models, GET /v1/models/{{id}}, GET /health, GET /metrics"
 
     @app.exception_handler(HTTPException)
@@ -329,7 +334,7 @@ def build_app(loop: EngineLoop, model_name: str, options: ServeOptions):
             loop.submit(*jobs)
         except HttpError as e:
             return error_response(e, close=e.status in (408, 411, 413))
-        return Answer(loop, jobs, parsed.include_usage, model_name, options)
+        return Answer(loop, jobs, parsed.include_usage, model_name, options, pieces)
 
     for path, endpoint, method in (("/health", health, "GET"), ("/metrics", metrics, "GET"), ("/v1/models", models, "GET"),
                                    ("/v1/models/{model_id:path}", model, "GET"), (CHAT_PATH, chat, "POST")):
@@ -404,8 +409,10 @@ class Answer:
     when its task is cancelled is closed only when the garbage collector finds it.
     """
 
-    def __init__(self, loop: EngineLoop, jobs: list[Job], include_usage: bool, model: str, options: ServeOptions):
+    def __init__(self, loop: EngineLoop, jobs: list[Job], include_usage: bool, model: str, options: ServeOptions,
+                 pieces: TokenPieces | None = None):
         self.loop, self.jobs, self.include_usage, self.model, self.options = loop, jobs, include_usage, model, options
+        self.pieces = pieces
         self.deadline = jobs[0].submitted + options.request_timeout_s
 
     async def __call__(self, scope, receive, send):
@@ -453,11 +460,12 @@ class Answer:
                 return error_response(value)
             answers[index] = value
             if len(answers) == len(self.jobs):
-                return JSONResponse(completion_json([answers[i] for i in range(len(self.jobs))], self.model))
+                ordered = [answers[i] for i in range(len(self.jobs))]
+                return JSONResponse(completion_json(ordered, self.model, self.pieces))
             event = await self._next()
 
     async def _stream(self, event, send) -> None:
-        cid, created, started, answers = _completion_id(), int(time.time()), set(), {}
+        cid, created, started, answers, sent = _completion_id(), int(time.time()), set(), {}, {}
 
         async def body(data: bytes, more: bool = True):
             await send({"type": "http.response.body", "body": data, "more_body": more})
@@ -472,8 +480,11 @@ class Answer:
             if index not in started:
                 started.add(index)
                 await body(_sse(chunk_json(cid, created, self.model, {"role": "assistant", "content": ""}, None, index)))
-            if kind == "text":
-                await body(_sse(chunk_json(cid, created, self.model, {"content": value}, None, index)))
+            if kind == "text":  # (text, token logprobs or None)
+                text, logprobs = value
+                chunk_logprobs = choice_logprobs(self.pieces, logprobs, sent.get(index, 0))
+                sent[index] = sent.get(index, 0) + len(logprobs or ())
+                await body(_sse(chunk_json(cid, created, self.model, {"content": text}, None, index, chunk_logprobs)))
             else:
                 answers[index] = value
                 await body(_sse(chunk_json(cid, created, self.model, {}, value["finish_reason"], index,

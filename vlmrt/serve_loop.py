@@ -7,7 +7,7 @@ through an inbox and per-request event queues. Admission (a bounded queue) and P
    inbox: ("add", job) ("abort", job) ──────────►  take every command (block only when idle)
                                                    add -> engine.add / abort -> engine.abort
                                                    engine.step() -> events per request
-   job.queue ◄── call_soon_threadsafe ◄──────────  (index, "text", piece) (index, "done", answer)
+   job.queue ◄── call_soon_threadsafe ◄──────────  (index, "text", (piece, logprobs)) (index, "done", answer)
                                                    (index, "error", e); the n jobs of a request (its
                                                    `n` choices) share one queue, index = the choice
  a client that leaves: ("abort", job) -> its slot is free before the next step
@@ -79,6 +79,7 @@ class Job:
     notes: list = field(default_factory=list)
     done: bool = False
     index: int = 0  # the choice of its request
+    logprobs: list | None = None  # engine.TokenLogprob per token, when the config asks
 
     def emit(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, kind, value))
@@ -251,8 +252,10 @@ class EngineLoop(threading.Thread):
             job.tokens += len(ev.token_ids)
             m.generated.inc(len(ev.token_ids))
         job.text += ev.text
-        if ev.text and job.stream:
-            job.emit("text", ev.text)
+        if ev.logprobs is not None:
+            job.logprobs = (job.logprobs or []) + ev.logprobs
+        if job.stream and (ev.text or ev.logprobs):
+            job.emit("text", (ev.text, ev.logprobs))
         if ev.finished is None:
             return
         del self.jobs[job.rid]
@@ -272,7 +275,8 @@ class EngineLoop(threading.Thread):
                    "ms_per_token": (last - first) * 1e3 / max(job.tokens - 1, 1)}
         usage = {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.tokens,
                  "total_tokens": job.prompt_tokens + job.tokens}
-        return {"finish_reason": reason, "usage": usage, "text": job.text, "vlmrt": {"timings": timings, "notes": notes}}
+        return {"finish_reason": reason, "usage": usage, "text": job.text, "logprobs": job.logprobs,
+                "vlmrt": {"timings": timings, "notes": notes}}
 
     def _beam(self, job: Job) -> None:
         """Beam search: the whole request on the Pipeline's lock-step loop, here, between two steps."""
@@ -284,7 +288,7 @@ class EngineLoop(threading.Thread):
         job.first = job.last = time.perf_counter()
         job.text = result.texts[0]
         if job.stream and job.text:
-            job.emit("text", job.text)
+            job.emit("text", (job.text, None))
         job.emit("done", self._answer(job, result.finish_reasons[0], result.notes))
         self._release(job)
 

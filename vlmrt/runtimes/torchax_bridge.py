@@ -72,7 +72,18 @@ def import_jax():
             torchax.default_env()  # builds the op tables (decompositions.py) under the same tolerance
     except ImportError:
         raise VlmrtError(f"--runtime jax needs torchax; {EXTRA_HINT}") from None
+    _keep_torch_accelerator_off(torchax)
     return jax, torchax
+
+
+def _keep_torch_accelerator_off(torchax) -> None:
+    """torchax registers its device module as torch's PrivateUse1 backend "jax", whose
+    `is_available()` says True; `torch.accelerator` then takes it for this process's accelerator,
+    and torch.compile (dynamo asks `torch.accelerator.current_stream()` on every trace) fails with
+    "PyTorch is not linked with support for jax devices". torchax itself never asks: JAX places its
+    own arrays. So the module says unavailable, and the compiled runtime keeps working in a process
+    that also ran the jax one."""
+    torchax.device_module.is_available = lambda: False
 
 
 def to_jax(value):

@@ -17,7 +17,9 @@ import urllib.request
 
 import pytest
 
+import serve_helpers
 from conftest import ASSETS, load_tiny
+from serve_helpers import data_url
 from vlmrt.errors import VlmrtError
 from vlmrt.pipeline import Pipeline
 from vlmrt.serve import ServeOptions, make_server
@@ -37,27 +39,15 @@ def pipe():
 
 @contextlib.contextmanager
 def running(pipe, max_batch: int = 32, **options):
-    """A server on a free port, answering from a thread."""
-    options = {"allowed_local_media_path": str(ASSETS), **options}
-    server = make_server(pipe, "127.0.0.1", 0, ServeOptions(quiet=True, **options), max_batch)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    """A server on a free port, answering from a thread; local files allowed under the assets."""
+    with serve_helpers.running(pipe, max_batch, **{"allowed_local_media_path": str(ASSETS), **options}) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @pytest.fixture(scope="module")
 def server(pipe):
     with running(pipe) as s:
         yield s
-
-
-def data_url(path) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def chat(url: str, text: str = QUESTION, **fields) -> dict:

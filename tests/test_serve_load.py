@@ -3,7 +3,6 @@ clients all answered, streamed and not; clients that disconnect free their slots
 behind a long one with other settings finishes first. Bounded: short answers, a tiny model."""
 
 import asyncio
-import base64
 import json
 import threading
 import time
@@ -12,12 +11,11 @@ import urllib.request
 import pytest
 
 from conftest import load_tiny
+from serve_helpers import data_url, running
 from vlmrt.pipeline import Pipeline
 
 openai = pytest.importorskip("openai", reason="the test extra: pip install 'vlmrt[test]'")
 pytest.importorskip("fastapi", reason="the serve extra: pip install 'vlmrt[serve]'")
-
-from vlmrt.serve import ServeOptions, make_server  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,20 +26,14 @@ PIPES = []  # the server's pipeline, for tests that pace its steps
 @pytest.fixture(scope="module")
 def server():
     PIPES.append(Pipeline(load_tiny("minigpt4-tiny")))
-    server = make_server(PIPES[-1], "127.0.0.1", 0, ServeOptions(quiet=True), max_batch=16)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with running(PIPES[-1], max_batch=16) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def messages(photo):
-    url = "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode()
     return [{"role": "user", "content": [{"type": "text", "text": "Describe this image."},
-                                         {"type": "image_url", "image_url": {"url": url}}]}]
+                                         {"type": "image_url", "image_url": {"url": data_url(photo)}}]}]
 
 
 def client(server, cls=openai.AsyncOpenAI, **kw):

@@ -2,15 +2,14 @@
 logits the eager runtime gives for the same tokens (the lock-step loop, not the engine), the tokens
 spell the answer, streamed chunks carry the same values, each of `n` choices its own; bad values 400."""
 
-import base64
 import math
 import random
-import threading
 
 import pytest
 import torch
 
 from conftest import load_tiny
+from serve_helpers import data_url, running
 from families import FAMILY_TESTS
 from vlmrt.generate import forced_logits
 from vlmrt.pipeline import Pipeline
@@ -18,7 +17,6 @@ from vlmrt.pipeline import Pipeline
 openai = pytest.importorskip("openai", reason="the test extra: pip install 'vlmrt[test]'")
 pytest.importorskip("fastapi", reason="the serve extra: pip install 'vlmrt[serve]'")
 
-from vlmrt.serve import ServeOptions, make_server  # noqa: E402
 from vlmrt.serve_logprobs import TokenPieces, _byte_decoder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,20 +31,14 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def client(pipe):
-    server = make_server(pipe, "127.0.0.1", 0, ServeOptions(quiet=True), max_batch=4)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with running(pipe, max_batch=4) as server:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def messages(photo):
-    url = "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode()
     return [{"role": "user", "content": [{"type": "text", "text": QUESTION},
-                                         {"type": "image_url", "image_url": {"url": url}}]}]
+                                         {"type": "image_url", "image_url": {"url": data_url(photo)}}]}]
 
 
 def ask(client, messages, **fields):

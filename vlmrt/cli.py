@@ -159,10 +159,12 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the export folder (absent or empty unless --force)")
     p.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
-    p.add_argument("--format", default="onnx", choices=["onnx", "aoti"], help="onnx graphs (default) or AOTInductor .pt2 packages")
+    p.add_argument("--format", default="onnx", choices=["onnx", "aoti", "stablehlo"],
+                   help="onnx graphs (default), AOTInductor .pt2 packages, or StableHLO (jax.export) artefacts per bucket")
     p.add_argument("--static-shapes", action="store_true", help="onnx: fixed shapes only, one graph per bucket (for Ascend ATC)")
-    p.add_argument("--batch", help="--static-shapes: batch buckets, e.g. 1,4 (default 1)")
-    p.add_argument("--seq", help="--static-shapes: sequence buckets, e.g. 128,512; the largest is the KV cache (default 512)")
+    p.add_argument("--batch", help="--static-shapes or stablehlo: batch buckets, e.g. 1,4 (default 1)")
+    p.add_argument("--seq", help="--static-shapes or stablehlo: sequence buckets, e.g. 128,512; the largest is the KV "
+                                 "cache (default 512)")
     weight_args(p, threads=False)
 
 

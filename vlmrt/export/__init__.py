@@ -27,10 +27,11 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         force: overwrite an earlier export in a non-empty `out`.
         seed: seed of the synthetic weights (presets only).
         progress: called with one line per step (None: silent).
-        format: "onnx" (graphs for ONNX Runtime) or "aoti" (AOTInductor .pt2 packages).
+        format: "onnx" (graphs for ONNX Runtime), "aoti" (AOTInductor .pt2 packages) or "stablehlo"
+            (jax.export artefacts per bucket, vlmrt/export/stablehlo.py; always static shapes).
         static_shapes: onnx only: fixed shapes, one graph per bucket (vlmrt/export/static.py).
-        batch: static batch buckets, "1,4" (default 1).
-        seq: static sequence buckets, "128,512" (default 512); the largest is the KV-cache size.
+        batch: static (and stablehlo) batch buckets, "1,4" (default 1).
+        seq: static (and stablehlo) sequence buckets, "128,512" (default 512); the largest is the KV-cache size.
         device: where the model is built and, for aoti, what the packages run on.
         weights: a vlmrt.quantize.WeightConfig (int8 or int4: the decoder quantized with ONNX Runtime's
             tools; dynamic ONNX exports only); None: the model's own weights.
@@ -44,14 +45,14 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         check_onnx_format(weights)
     if dtype not in EXPORT_DTYPES:
         raise VlmrtError(f"cannot export in {dtype!r}; use --dtype fp32 or fp16")
-    if format not in ("onnx", "aoti"):
-        raise VlmrtError(f"unknown export format {format!r}; use --format onnx or aoti")
-    if (batch or seq) and not static_shapes:
+    if format not in ("onnx", "aoti", "stablehlo"):
+        raise VlmrtError(f"unknown export format {format!r}; use --format onnx, aoti or stablehlo")
+    if (batch or seq) and not static_shapes and format != "stablehlo":
         raise VlmrtError("--batch and --seq set the buckets of a static export; add --static-shapes")
-    if static_shapes and format != "onnx":
+    if static_shapes and format == "aoti":
         raise VlmrtError("--static-shapes is for --format onnx; AOTInductor packages keep batch and sequence dynamic")
     shapes = None
-    if static_shapes:
+    if static_shapes or format == "stablehlo":
         from vlmrt.export.static import StaticShapes, parse_buckets
 
         shapes = StaticShapes(parse_buckets(batch, "--batch", (1,)), parse_buckets(seq, "--seq", (512,)))
@@ -61,11 +62,15 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
     loaded = with_weights(load_model(model, device=device, dtype=dtype, seed=seed), weights)
     if getattr(loaded, "weights", None) is not None and (format != "onnx" or static_shapes):
         raise VlmrtError("--quantize exports are dynamic ONNX graphs (ONNX Runtime's quantizers); drop --format aoti "
-                         "or --static-shapes, or drop --quantize")
+                         "or stablehlo, or --static-shapes, or drop --quantize")
     if format == "aoti":
         from vlmrt.export.aoti import export_aoti_model
 
         return export_aoti_model(loaded, out, force=True, progress=progress)
+    if format == "stablehlo":
+        from vlmrt.export.stablehlo import export_stablehlo_model
+
+        return export_stablehlo_model(loaded, out, shapes, force=True, progress=progress)
     if shapes is not None:
         from vlmrt.export.static import export_static_model
 

@@ -149,8 +149,16 @@ def _graph(module, io: StageIO, out: Path, opset: int, progress, stem: str, stag
     return GraphInfo(stage, batch, seq, images, info)
 
 
-def export_buckets(loaded, out: Path, shapes: StaticShapes, opset: int, progress) -> list[GraphInfo]:
-    """Every graph of the plan (module docstring), for each batch bucket."""
+def export_buckets(loaded, out: Path, shapes: StaticShapes, opset: int, progress, write=None) -> list[GraphInfo]:
+    """Every graph of the plan (module docstring), for each batch bucket.
+
+    Args:
+        write: write(module, io, stem, stage, batch, sequence, images) -> GraphInfo, called once per
+            graph with the stage module and its example inputs at the bucket (None: an ONNX graph;
+            vlmrt/export/stablehlo.py passes its own).
+    """
+    if write is None:
+        write = lambda module, io, stem, *where: _graph(module, io, out, opset, progress, stem, *where)
     model, graphs = loaded.model, []
     s = shapes.cache_len
     for b in shapes.batch:
@@ -160,7 +168,7 @@ def export_buckets(loaded, out: Path, shapes: StaticShapes, opset: int, progress
         with torch.no_grad():
             outputs = vision(*vio.inputs.values())
         feats = dict(zip(vision.output_names, outputs))
-        graphs.append(_graph(vision, vio, out, opset, progress, f"vision.b{b}", "vision", b, None, True))
+        graphs.append(write(vision, vio, f"vision.b{b}", "vision", b, None, True))
         known = {k: axes_for(k, vio.dynamic_axes) for k in feats}
         for t, images in [(t, True) for t in shapes.sequence] + [(1, False)]:
             eio = _hooked(model, "embedding", default_io("embedding", loaded, feats if images else {}))
@@ -173,12 +181,12 @@ def export_buckets(loaded, out: Path, shapes: StaticShapes, opset: int, progress
                 embedded = emb(*eio.inputs.values())
             embedded = dict(zip(emb.output_names, embedded))
             stem = f"embedding.b{b}.t{t}"
-            graphs.append(_graph(emb, eio, out, opset, progress, stem, "embedding", b, t, images))
-            graphs.append(_decoder(loaded, embedded, eio.dynamic_axes, s, out, opset, progress, b, t))
+            graphs.append(write(emb, eio, stem, "embedding", b, t, images))
+            graphs.append(_decoder(loaded, embedded, eio.dynamic_axes, s, write, b, t))
     return graphs
 
 
-def _decoder(loaded, embedded: dict, known: dict, s: int, out: Path, opset: int, progress, b: int, t: int) -> GraphInfo:
+def _decoder(loaded, embedded: dict, known: dict, s: int, write, b: int, t: int) -> GraphInfo:
     """The static-cache decoder at [b,t] on S = `s` slots, with the family's extra inputs."""
     model = loaded.model
     dio = _hooked(model, "decoder", default_io("decoder", loaded, {k: v.clone() for k, v in embedded.items()}))
@@ -196,7 +204,7 @@ def _decoder(loaded, embedded: dict, known: dict, s: int, out: Path, opset: int,
     io = StageIO(inputs, axes)
     module = StaticCacheDecoder(model, list(inputs))
     module.stage = "decoder"
-    return _graph(module, io, out, opset, progress, f"decoder.b{b}.t{t}", "decoder", b, t, True)
+    return write(module, io, f"decoder.b{b}.t{t}", "decoder", b, t, True)
 
 
 # ----------------------------------------------------------------------------- README with the ATC lines

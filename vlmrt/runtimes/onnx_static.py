@@ -41,6 +41,27 @@ def pad_to(x: torch.Tensor, shape: tuple, name: str, graph: str) -> torch.Tensor
     return torch.nn.functional.pad(x, pad) if any(pad) else x
 
 
+def pick_graph(graphs, stage: str, batch: int, sequence: int | None, images: bool, first: int, cache_len: int):
+    """The graph of `stage` with the smallest bucket that fits (and, for the decoder, whose padded
+    slots stay inside the cache of `cache_len` slots), or a VlmrtError listing the buckets.
+
+    Args:
+        graphs: the manifest's GraphInfo per bucket.
+        sequence: the call's tokens (None: any; vision has no sequence bucket).
+        images: embedding only: the graph that takes image features (prefill) or not (text only).
+        first: the first cache slot the call writes.
+    """
+    fits = [g for g in graphs if g.stage == stage and g.batch >= batch
+            and (sequence is None or (g.sequence >= sequence and first + g.sequence <= cache_len))
+            and (stage != "embedding" or g.images == images)]
+    if not fits:
+        have = sorted({(g.batch, g.sequence) for g in graphs if g.stage == stage})
+        raise VlmrtError(f"no {stage} graph of this static export fits batch {batch}"
+                         + (f", {sequence} tokens at slot {first}" if sequence else "")
+                         + f" (buckets: {have}); re-export with larger --batch / --seq buckets")
+    return min(fits, key=lambda g: (g.batch, g.sequence or 0))
+
+
 def padded_fraction(inputs, values: dict) -> float:
     """The part of a family's own static axis (not batch or sequence) that a call fills: e.g.
     MiniCPM-V-2's chunks, 3 of the 10 the graph takes; 1.0 when no such axis is padded. The image
@@ -78,17 +99,7 @@ class StaticOnnxRuntime(OnnxRuntime):
         return {g.info.file: self._session(g.info.file, g.stage) for g in self.manifest.graphs}
 
     def _pick(self, stage: str, batch: int, sequence: int | None = None, images: bool = True, first: int = 0):
-        """The graph of `stage` with the smallest bucket that fits (and, for the decoder, whose
-        padded slots stay inside the cache)."""
-        fits = [g for g in self.manifest.graphs if g.stage == stage and g.batch >= batch
-                and (sequence is None or (g.sequence >= sequence and first + g.sequence <= self.cache_len))
-                and (stage != "embedding" or g.images == images)]
-        if not fits:
-            have = sorted({(g.batch, g.sequence) for g in self.manifest.graphs if g.stage == stage})
-            raise VlmrtError(f"no {stage} graph of this static export fits batch {batch}"
-                             + (f", {sequence} tokens at slot {first}" if sequence else "")
-                             + f" (buckets: {have}); re-export with larger --batch / --seq buckets")
-        return min(fits, key=lambda g: (g.batch, g.sequence or 0))
+        return pick_graph(self.manifest.graphs, stage, batch, sequence, images, first, self.cache_len)
 
     def _run_padded(self, graph, values: dict, cut: dict[str, int]) -> dict:
         """Pad every given input to its graph shape, run, cut outputs' named axes to `cut`."""

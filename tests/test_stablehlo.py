@@ -209,17 +209,19 @@ def test_corrupt_or_missing_files_are_clear_errors(folder, pipe, tmp_path, capsy
         StableHloRuntime(loaded)
 
 
-def test_refusals(pipe, tmp_path):
-    from vlmrt.export.stablehlo import export_stablehlo_model
-    from vlmrt.export.static import StaticShapes
+def test_refusals(pipe, tmp_path, capsys):
+    from vlmrt.cli import main
     from vlmrt.pipeline import Pipeline
 
     with pytest.raises(VlmrtError, match="a StableHLO export; it runs on --runtime stablehlo, not onnx"):
         Pipeline(pipe.loaded, "onnx")
     with pytest.raises(VlmrtError, match="runs a StableHLO export folder; make one with `vlmrt export"):
         Pipeline(load_tiny(CI_PRESET), "stablehlo")
-    with pytest.raises(VlmrtError, match="--seq 4096 is longer than the model's context"):
-        export_stablehlo_model(load_tiny(CI_PRESET), tmp_path / "x", StaticShapes((1,), (4096,)))
+    capsys.readouterr()
+    assert main(["export", "--model", CI_PRESET, "--out", str(tmp_path / "x"), "--format", "stablehlo",
+                 "--batch", "1", "--seq", "4096"]) == 2  # the buckets need no --static-shapes here
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--seq 4096 is longer than the model's context of 512" in err[-1], err
 
 
 def test_missing_jax_names_the_extra(pipe, monkeypatch):

@@ -67,10 +67,10 @@ def load_artefact(path: Path, jax, compiler_options: dict | None):
     except Exception as e:  # flatbuffers and jax raise many types for bytes that are not an Exported
         raise VlmrtError(f"cannot load {path} as a jax.export artefact ({e.__class__.__name__}); "
                          f"{_redo(path.parent)}") from None
-    platform = jax.default_backend()
-    if platform not in exported.platforms:
+    here = jax.default_backend()  # "cpu", "gpu" (artefacts name "cuda" or "rocm"), "tpu"
+    if not ({here} | ({"cuda", "rocm"} if here == "gpu" else set())) & set(exported.platforms):
         raise VlmrtError(f"{path.name} was exported for {', '.join(exported.platforms)}, and jax here runs on "
-                         f"{platform}; export on a {platform} machine")
+                         f"{here}; export it on a machine where jax runs on {here}")
     return jax.jit(exported.call, donate_argnums=(2,), compiler_options=compiler_options)
 
 

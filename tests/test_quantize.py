@@ -187,6 +187,12 @@ def test_onnx_exports_are_cached_per_format_and_int8_is_close_to_fp32(tmp_path, 
     assert bits == {(False, 4), (True, 8)}  # the decoder's MatMuls at 4 bits, lm_head at 8
     from vlmrt.runtimes.onnx import OnnxRuntime
 
+    g32 = with_weights(base, parse_weights("int8-g32"))
+    OnnxRuntime(g32)  # exported, then quantized: MatMulNBits 8-bit with one scale per 32 columns
+    nodes = onnx.load(str(cache_folder(g32) / "decoder.onnx"), load_external_data=False).graph.node
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits"]
+    assert attrs and {(a["bits"], a["block_size"]) for a in attrs} == {(8, 32)}
+
     def prepacking_off(rt):
         options = rt.sessions["decoder"].get_session_options()
         try:

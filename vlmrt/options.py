@@ -169,7 +169,8 @@ def weight_args(p, threads: bool = True):
     """--quantize, --quantize-vision (and --threads): the weight format and CPU threads. Returns the group."""
     g = p.add_argument_group("weights")
     g.add_argument("--quantize", default=None, metavar="FORMAT",
-                   help="weight format of the decoder's linear layers: int8, int4 (block 32, lm_head int8; int4-g64, "
+                   help="weight format of the decoder's linear layers: int8 (per channel; int8-g32: a scale per 32 "
+                        "columns), int4 (block 32, lm_head int8; int4-g64, "
                         "int4-g128-sym, int4-head4, ...), fp16 or bf16; add -nohead to keep lm_head as is "
                         "(default: the model's own weights)")
     g.add_argument("--quantize-vision", action="store_true", help="also quantize the vision stage's linear layers")

@@ -90,7 +90,7 @@ def write_gguf(model, cfg, path: Path, fmt: str) -> Path:
     w.add_tokenizer_model("gpt2")  # a placeholder vocabulary: decode is fed token ids, never text
     w.add_token_list([f"<t{i}>" for i in range(d.vocab_size)])
     w.add_token_types([1] * d.vocab_size)
-    w.add_token_merges([])
+    w.add_token_merges(["<t1> <t2>"])  # llama.cpp refuses a BPE vocabulary without merges; one placeholder
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

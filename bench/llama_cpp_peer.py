@@ -15,6 +15,12 @@ Usage (a minute or two on an idle 2-core machine; see bench/RESULTS.md):
     python bench/llama_cpp_peer.py --threads 2 --rounds 3 --tokens 16 \\
         --formats fp32,bf16,int8,int4 --runtimes eager,onnx --out /tmp/peer
 
+Where no llama-cpp-python wheel exists: build only llama.cpp's `llama` shared library from the
+llama-cpp-python source archive (`pip download llama-cpp-python --no-deps --no-binary :all:`, its
+vendor/llama.cpp; cmake with -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_COMMON=OFF,
+target `llama`), put the archive's `llama_cpp` folder on PYTHONPATH and point LLAMA_CPP_LIB_PATH at
+the built libllama.so (bench/RESULTS.md has the exact commands).
+
 Without llama-cpp-python or llama-bench the llama.cpp rows say so, the GGUF files are still
 written (run llama-bench on them by hand), and vlmrt's rows are measured. On VMs that advertise AMX
 but do not allow it, build llama.cpp with `-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF`.

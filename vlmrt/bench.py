@@ -42,7 +42,7 @@ from vlmrt.errors import VlmrtError
 from vlmrt.generate import forced_logits, generate
 from vlmrt.models import load_model
 from vlmrt.processor import Processor
-from vlmrt.runtimes import RUNTIMES, runtime_class
+from vlmrt.runtimes import RUNTIMES, build_runtime
 
 HF_RUNTIMES = ("hf", "hf-compiled")  # transformers' own generate, dynamic cache / static cache (+ its auto-compile on CUDA)
 IMAGE = Path(__file__).resolve().parent / "assets" / "astronaut.jpg"
@@ -167,7 +167,7 @@ class VlmrtRunner:
 
     def __init__(self, name: str, loaded, options: dict):
         self.name, self.loaded = name, loaded
-        self.runtime = runtime_class(name)(loaded, **options)
+        self.runtime = build_runtime(name, loaded, **options)
 
     def generate(self, batch: dict, new_tokens: int) -> tuple[dict, torch.Tensor]:
         """-> (timings in ms, tokens [B,N])."""

@@ -21,7 +21,7 @@ from vlmrt import __version__
 from vlmrt.errors import VlmrtError
 from vlmrt.eval.commands import add_caption_args, add_eval_args, cmd_caption, cmd_eval
 from vlmrt.options import (Parser, at_least, generation_args, in_range, int_list, model_args, non_negative_int,
-                           note_renamed, positive_int, runtime_args, weight_args,
+                           note_renamed, parallel_args, positive_int, runtime_args, weight_args,
                            kv_cache_args)
 
 
@@ -31,6 +31,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     generation_args(p)
     weight_args(p)
     kv_cache_args(p)
+    parallel_args(p)
     p.add_argument("--image", required=True, action="append", help="image file; repeat for a batch")
     p.add_argument("--prompt", required=True, action="append", help="the question; one for all images or one per image")
     p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
@@ -199,6 +200,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     runtime_args(p)
     weight_args(p)
     kv_cache_args(p)
+    parallel_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
@@ -270,6 +272,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                             "runtime may name a weight format: eager:int8,onnx:int4-g64")
     generation_args(p, max_new_tokens=256, sampling=False, beams=False, tokens_help="tokens generated per row, stops ignored")
     weight_args(p)
+    parallel_args(p, many=True)
     g = p.add_argument_group("sweep")
     g.add_argument("--batch", type=int_list, default=(1, 2, 4, 8, 10), metavar="B,B,...",
                    help="comma-separated batch sizes (default 1,2,4,8,10)")
@@ -358,15 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(args, argv: list[str]) -> int:
+    """`args.func(args)`, or with --tp N (N > 1) the same as rank 0 of a tensor-parallel group."""
+    tp = getattr(args, "tp", 1)
+    if isinstance(tp, tuple) and len(tp) == 1:  # bench: one value is a group like any other command's
+        args.tp = tp = tp[0]
+    if isinstance(tp, int) and tp > 1:
+        from vlmrt.tp.launch import run_parallel
+
+        return run_parallel(args, argv)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit code (2: bad input)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already reported in one line
         return e.code
-    print_notes(getattr(args, "renamed", None) or [])
+    if os.environ.get("RANK", "0") == "0":  # a follower rank prints its errors only
+        print_notes(getattr(args, "renamed", None) or [])
     try:
-        code = args.func(args)
+        code = run_command(args, sys.argv[1:] if argv is None else list(argv))
         sys.stdout.flush()  # a closed pipe shows here, inside the try, not in Python's exit-time flush
         return code
     except VlmrtError as e:

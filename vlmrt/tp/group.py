@@ -94,6 +94,8 @@ def init_group(world: int, device: str | torch.device = "cpu", timeout_s: float 
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(dev)
+    else:  # the ranks share this machine's cores: oversubscribed threads make every collective wait on a straggler
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     if addr in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: gloo must not pick another interface

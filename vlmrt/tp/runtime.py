@@ -26,7 +26,7 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.tp.group import TPGroup
-from vlmrt.tp.shard import shard_model
+from vlmrt.tp.shard import check_shardable, shard_model
 
 REPLAYED = ("start", "decode", "allocate_slots", "run_step", "reorder")  # methods followers run too
 _IDS = itertools.count()
@@ -78,7 +78,9 @@ class LeaderRuntime:
 
     def __init__(self, loaded, group: TPGroup):
         self.id, self.group = next(_IDS), group
-        group.channel.send(("load", self.id, load_spec(loaded)))  # followers load while rank 0 does
+        spec = load_spec(loaded)
+        check_shardable(loaded.model, loaded.weights, group.world)  # refused here, before any follower loads
+        group.channel.send(("load", self.id, spec))  # followers load while rank 0 does
         self.inner = sharded_runtime(loaded, group)
 
     def __getattr__(self, name):  # model, device, dtype, kv, synchronize, encode_images, embed, ...
@@ -127,9 +129,6 @@ def stop_followers(group: TPGroup) -> None:
 @torch.inference_mode()
 def follow(group: TPGroup) -> None:
     """A follower's whole life: load what rank 0 loads, replay its decoder calls, until "stop"."""
-    from vlmrt.models import load_model
-    from vlmrt.quantize import with_weights
-
     models, runtimes = {}, {}
     while True:
         message = group.channel.receive()
@@ -138,11 +137,7 @@ def follow(group: TPGroup) -> None:
             return
         if kind == "load":
             _, rid, spec = message
-            key = repr(sorted(spec.items()))
-            if key not in models:  # rank 0 may put one model on several runtimes; it gets one shard here too
-                loaded = load_model(spec["name"], device=str(group.device), dtype=spec["dtype"], seed=spec["seed"])
-                models[key] = with_weights(loaded, spec["weights"])
-            runtimes[rid] = sharded_runtime(models[key], group)
+            runtimes[rid] = sharded_runtime(_model_for(spec, models, group), group)
         elif kind == "call":
             _, rid, method, args, kwargs = message
             if method not in REPLAYED:
@@ -151,3 +146,16 @@ def follow(group: TPGroup) -> None:
         elif kind == "move":
             _, rid, src, dst, used = message
             runtimes[rid].pool.move(src, dst, used)
+
+
+def _model_for(spec: dict, models: dict, group: TPGroup):
+    """A follower's LoadedModel for `spec`, loaded once per spec (without a tokenizer: followers
+    never tokenize). Rank 0 may put one model on several runtimes; they share one shard here too."""
+    from vlmrt.models import load_model
+    from vlmrt.quantize import with_weights
+
+    key = repr(sorted(spec.items()))
+    if key not in models:
+        loaded = load_model(spec["name"], device=str(group.device), dtype=spec["dtype"], seed=spec["seed"], tokenizer=False)
+        models[key] = with_weights(loaded, spec["weights"])
+    return models[key]

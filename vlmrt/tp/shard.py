@@ -32,22 +32,39 @@ from vlmrt.tp.group import all_reduce
 
 class RowParallel(nn.Module):
     """A row-parallel linear: this rank's columns of the weight, then the sum over ranks. A bias
-    (none in the registered families) is added once, after the sum."""
+    (none in the registered families) is added once, after the sum.
+
+    int8 takes care: its kernel rounds each output to bf16, so summing the ranks' rounded partial
+    sums would differ from tp=1 by a bf16 step (tokens diverge within 32 on the tiny presets). Here
+    each rank's fp32 partial sum of x_bf16 * q is reduced first, then scaled and rounded once, as the
+    tp=1 kernel does: tp=N matches tp=1 int8 up to fp32 summation order. The cost: this rank's int8
+    columns are widened to fp32 for the matmul (CPU int8 decode is about correctness here, not speed).
+    """
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
         self.bias = inner.bias
         inner.bias = None
+        self.int8 = isinstance(inner, QuantizedLinear) and inner.method.name == "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [...,K/N] -> [...,D]
-        y = all_reduce(self.inner(x).contiguous())
+        if self.int8:
+            y = self._int8(x)
+        else:
+            y = all_reduce(self.inner(x).contiguous())
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.inner
+        acc = x.reshape(-1, q.in_features).to(torch.bfloat16).float() @ q.qweight.float().t()  # [M,D] fp32
+        y = (all_reduce(acc) * q.scales.float()).to(torch.bfloat16).to(x.dtype)  # rounded once, as at tp=1
+        return y.reshape(*x.shape[:-1], q.out_features)
 
 
 def check_plan(num_heads: int, num_kv_heads: int, intermediate: int, world: int) -> None:
     """A clear error when `world` ranks cannot split this decoder."""
-    fixes = [n for n in range(1, max(num_heads, 1) + 1) if fits(num_heads, num_kv_heads, intermediate, n)]
+    fixes = [n for n in range(1, num_heads + 1) if fits(num_heads, num_kv_heads, intermediate, n)]
     if not fits(num_heads, num_kv_heads, intermediate, world):
         raise VlmrtError(f"--tp {world} does not split this decoder ({num_heads} query heads, {num_kv_heads} KV heads, "
                          f"MLP width {intermediate}): the ranks must divide the query heads and the MLP width, and "
@@ -124,6 +141,33 @@ def shard_mlp(mlp: LlamaMLP, rank: int, world: int) -> None:
     mlp.down_proj = RowParallel(slice_linear(mlp.down_proj, 1, *part))
 
 
+def decoder_layers(model: nn.Module) -> tuple[list[LlamaAttention], list[LlamaMLP]]:
+    """The attention and MLP modules of `model`'s decoder layers, in order."""
+    lm = language_model_prefix(model)
+    mods = [m for n, m in model.named_modules() if n.startswith(f"{lm}model.layers.")]
+    attns, mlps = [m for m in mods if isinstance(m, LlamaAttention)], [m for m in mods if isinstance(m, LlamaMLP)]
+    if not attns or len(attns) != len(mlps):
+        raise VlmrtError(f"cannot shard {type(model).__name__}: tensor parallelism knows Llama-style decoder layers only")
+    return attns, mlps
+
+
+def check_shardable(model: nn.Module, weights, world: int) -> None:
+    """Every check `shard_model` makes, before any rank loads anything: the split and the weight format.
+
+    Args:
+        model: the family model (fp weights).
+        weights: the vlmrt.quantize.WeightConfig the runtime applies (None: fp).
+        world: ranks in the group.
+    """
+    if weights is not None and weights.format == "int4":
+        raise VlmrtError("--tp with --quantize int4 is not supported (its packed layout does not slice); "
+                         "use --quantize int8, fp16 or bf16, or no --quantize")
+    attns, mlps = decoder_layers(model)
+    a = attns[0]
+    if getattr(model, "tp_shard", None) is None:
+        check_plan(a.num_heads, a.num_kv_heads, mlps[0].gate_proj.out_features, world)
+
+
 def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:
     """Keep rank `rank`'s shard of every decoder layer of `model` (a family model), in place; the
     model's `num_kv_heads` becomes this rank's (the KV caches it allocates hold its heads only).
@@ -133,11 +177,7 @@ def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:
         rank: this rank.
         world: ranks in the group.
     """
-    lm = language_model_prefix(model)
-    attns = [m for n, m in model.named_modules() if n.startswith(f"{lm}model.layers.") and isinstance(m, LlamaAttention)]
-    mlps = [m for n, m in model.named_modules() if n.startswith(f"{lm}model.layers.") and isinstance(m, LlamaMLP)]
-    if not attns or len(attns) != len(mlps):
-        raise VlmrtError(f"cannot shard {type(model).__name__}: tensor parallelism knows Llama-style decoder layers only")
+    attns, mlps = decoder_layers(model)
     a = attns[0]
     check_plan(a.num_heads, a.num_kv_heads, mlps[0].gate_proj.out_features, world)
     for attn in attns:

@@ -305,11 +305,16 @@ def cmd_bench(args) -> int:
     weights_from_args(args)  # --threads, and a clear error for a bad --quantize before any work
     if args.scenario == "serve":
         return _serve_bench(args)
+    tp = args.tp if isinstance(args.tp, int) else 1
+    if tp > 1 or not isinstance(args.tp, int):
+        args.runtime = _tp_runtimes(args)
+    if not isinstance(args.tp, int):
+        return _tp_sweep(args)
     cfg = BenchConfig(
         model=args.model, out=args.out, runtimes=args.runtime, batches=args.batch, new_tokens=args.max_new_tokens,
         prompt_tokens=args.prompt_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, agreement=not args.no_agreement, profile=args.profile,
-        quantize=args.quantize, quantize_vision=args.quantize_vision,
+        quantize=args.quantize, quantize_vision=args.quantize_vision, tp=tp,
     )
     result = run_bench(cfg, progress=not args.no_progress)
     print_notes(result["meta"]["notes"])
@@ -318,6 +323,36 @@ def cmd_bench(args) -> int:
         from vlmrt.profiling import format_profile
 
         print("\nper decode step (profiled pass):\n" + format_profile(result["rows"]))
+    return 0
+
+
+def _tp_runtimes(args) -> tuple[str, ...]:
+    """The runtimes of a bench with --tp: eager (with a weight format or not) only."""
+    runtimes = tuple(args.runtime)
+    if runtimes == ("eager", "compiled", "hf"):  # the default: the one runtime tensor parallelism runs on
+        return ("eager",)
+    if any(r.partition(":")[0] != "eager" for r in runtimes):
+        raise VlmrtError(f"--tp runs on the eager runtime only; give --runtime eager (or eager:int8), not {','.join(runtimes)}")
+    return runtimes
+
+
+def _tp_sweep(args) -> int:
+    """--tp 1,2,...: each value as its own `vlmrt bench --tp N --out OUT/tp-N` (its own group of
+    ranks), then every table; OUT/tp.json holds each run's rows and meta."""
+    from pathlib import Path
+
+    import subprocess
+
+    runs = {}
+    for n in args.tp:
+        out = Path(args.out) / f"tp-{n}"
+        print(f"vlmrt bench: --tp {n} -> {out}", file=sys.stderr, flush=True)
+        again = [*args.argv, "--runtime", ",".join(args.runtime), "--tp", str(n), "--out", str(out)]  # the last one counts
+        code = subprocess.run([sys.executable, "-m", "vlmrt", *again]).returncode
+        if code:
+            return code
+        runs[n] = json.loads((out / "results.json").read_text())
+    Path(args.out, "tp.json").write_text(json.dumps({str(n): r for n, r in runs.items()}, indent=1))
     return 0
 
 
@@ -363,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args, argv: list[str]) -> int:
     """`args.func(args)`, or with --tp N (N > 1) the same as rank 0 of a tensor-parallel group."""
+    args.argv = argv  # a --tp sweep runs the command again per value
     tp = getattr(args, "tp", 1)
     if isinstance(tp, tuple) and len(tp) == 1:  # bench: one value is a group like any other command's
         args.tp = tp = tp[0]

@@ -95,3 +95,10 @@ def test_cli_tp_needs_eager(capsys):
     code = main(["run", "--model", "minigpt4-tiny", "--image", "x.jpg", "--prompt", "hi", "--tp", "2", "--runtime", "compiled"])
     assert code == 2
     assert "--tp 2 runs on --runtime eager only" in capsys.readouterr().err
+
+
+def test_cli_more_cuda_ranks_than_devices_starts_no_rank(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code = main(["run", "--model", "minigpt4-tiny", "--image", "x.jpg", "--prompt", "hi", "--tp", "2", "--device", "cuda"])
+    assert code == 2
+    assert "--tp 2 needs 2 CUDA devices, this machine has 1" in capsys.readouterr().err

@@ -32,7 +32,8 @@ def spawn_ranks(world: int, argv: list[str]) -> list[subprocess.Popen]:
     """Start ranks 1..world-1 as `python -m vlmrt ARGV` on this machine and make this process rank 0
     (loopback MASTER_ADDR, a free port). Followers' stdout is dropped: rank 0 alone prints."""
     port = str(free_port())
-    base = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    base = {"TORCH_CPP_LOG_LEVEL": "ERROR",  # our own one-line error says it; no C++ stack dump besides
+            **os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     children = []
     for rank in range(1, world):
         env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
@@ -62,13 +63,23 @@ def run_parallel(args, argv: list[str]) -> int:
         args: the parsed command line (`tp`, `tp_timeout`, `device`, `func`).
         argv: the command line itself, for the ranks started here.
     """
-    from vlmrt.tp.group import close_group, env_rank, init_group
+    import torch
+
+    from vlmrt.tp.group import check_devices, close_group, env_rank, init_group
 
     if isinstance(getattr(args, "runtime", None), str) and args.runtime != "eager":  # bench checks its list
         raise VlmrtError(f"--tp {args.tp} runs on --runtime eager only, not {args.runtime}; use --runtime eager or --tp 1")
+    device = getattr(args, "device", "cpu")
+    check_devices(args.tp, torch.device(device))  # before any rank starts
     children = spawn_ranks(args.tp, argv) if env_rank() is None else []
     try:
-        code = _as_rank(args, init_group(args.tp, getattr(args, "device", "cpu"), args.tp_timeout))
+        try:
+            group = init_group(args.tp, device, args.tp_timeout)
+        except BaseException:
+            for p in children:  # they cannot form a group without this rank: stop them now, not at the timeout
+                p.kill()
+            raise
+        code = _as_rank(args, group)
     finally:
         close_group()
         others = reap(children, args.tp_timeout) if children else 0

@@ -18,7 +18,7 @@ from vlmrt.tp.group import check_devices, init_group
 from vlmrt.tp.shard import check_plan, head_rows
 
 ROOT = Path(__file__).parents[1]
-GROUP_TIMEOUT_S = 240  # the whole 2-rank run; a hang fails here instead of stalling the suite
+GROUP_TIMEOUT_S = 480  # the whole 2-rank run (about 30 s idle); a hang fails here instead of stalling the suite
 
 
 @pytest.fixture(scope="module")

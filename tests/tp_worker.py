@@ -105,7 +105,8 @@ def main(out_path: str) -> None:
     for family, entry in FAMILY_TESTS.items():
         base = load_model(entry["tiny"])  # one tokenizer per family: building one is slow
         for weights in ("fp", "int8") if family in INT8_FAMILIES else ("fp",):
-            report["families"][f"{family}/{weights}"] = compare(base, weights, group)
+            report["families"][f"{family}/{weights}"] = r = compare(base, weights, group)
+            print(f"tp_worker: {family}/{weights}: {r}", file=sys.stderr, flush=True)  # shown when the test fails
     try:
         LeaderRuntime(with_weights(base, parse_weights("int4")), group)
     except VlmrtError as e:

@@ -235,6 +235,15 @@ def test_block_size_must_divide_every_width():
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # checked before any swap
 
 
+def test_tensor_parallel_refuses_grouped_int8():
+    from vlmrt.tp.shard import check_shardable
+
+    model = load_model("minigpt4-tiny").model
+    with pytest.raises(VlmrtError, match="--tp with --quantize int8-g32 is not supported.*use --quantize int8"):
+        check_shardable(model, parse_weights("int8-g32"), 2)
+    check_shardable(model, parse_weights("int8"), 2)  # per channel slices
+
+
 def test_a_runtime_without_a_kernel_says_so():
     with pytest.raises(VlmrtError, match="runs on CPU only"):
         check_supported(WeightConfig("int4"), torch.device("cuda"), "eager")

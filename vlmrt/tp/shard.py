@@ -15,7 +15,8 @@
 A linear is sliced as it is stored: an nn.Linear's weight, or a QuantizedLinear's packed buffers.
 int8 scales are per output row, so a column slice keeps its rows' scales and a row slice keeps
 every scale: each rank holds exactly the slice of the tp=1 int8 weight. fp16/bf16 slice like fp.
-int4 packs rows in tiles the CPU kernel owns, so it is refused (quantize after sharding would need
+int4 packs rows in tiles the CPU kernel owns, so it is refused, and so is int8-gN (its
+[G,N,gs] layout is not sliced here) (quantize after sharding would need
 the group size to divide every slice width: not done yet).
 """
 
@@ -103,6 +104,8 @@ def slice_linear(linear: nn.Module, dim: int, start: int, stop: int) -> nn.Modul
 
 def _slice_quantized(q: QuantizedLinear, dim: int, start: int, stop: int) -> QuantizedLinear:
     name = q.method.name
+    if name == "int8" and q.method.cfg.group_size:
+        name = q.method.cfg.tag
     if name not in ("int8", "fp16", "bf16"):
         raise VlmrtError(f"--tp with --quantize {name} is not supported (its packed layout does not slice); "
                          "use --quantize int8, fp16 or bf16, or no --quantize")
@@ -162,6 +165,9 @@ def check_shardable(model: nn.Module, weights, world: int) -> None:
     if weights is not None and weights.format == "int4":
         raise VlmrtError("--tp with --quantize int4 is not supported (its packed layout does not slice); "
                          "use --quantize int8, fp16 or bf16, or no --quantize")
+    if weights is not None and weights.format == "int8" and weights.group_size:
+        raise VlmrtError(f"--tp with --quantize {weights.tag} is not supported (grouped int8 scales do not slice "
+                         "here); use --quantize int8 (one scale per channel)")
     attns, mlps = decoder_layers(model)
     a = attns[0]
     if getattr(model, "tp_shard", None) is None:

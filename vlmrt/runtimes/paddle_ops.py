@@ -1,0 +1,64 @@
+"""The ATen ops that take more than one Paddle call, for the lowered stages (vlmrt/runtimes/paddle_lower.py).
+
+Each follows the ATen schema of the op it stands for (argument order and defaults), so the lowering
+writes one call per node. Imported by the generated stage sources only.
+"""
+
+from __future__ import annotations
+
+import paddle
+import paddle.nn.functional as F
+
+INT64_MAX = 2**63 - 1
+
+
+def convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """aten.convolution (not transposed): conv1d/2d/3d by the weight's rank."""
+    if transposed:
+        raise NotImplementedError("transposed convolution is not lowered to Paddle")
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(weight.shape)]
+    return conv(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+def div_mode(a, b, dtype, rounding_mode=None):
+    """aten.div.Tensor_mode: "trunc" or "floor" rounding of a / b."""
+    q = paddle.cast(a, "float32") / paddle.cast(b, "float32") if dtype.startswith("int") else a / b
+    q = paddle.floor(q) if rounding_mode == "floor" else paddle.trunc(q)
+    return paddle.cast(q, dtype)
+
+
+def layer_norm(x, normalized_shape, weight, bias, eps):
+    """aten.native_layer_norm -> (out, mean, rstd); only `out` is read by the models' graphs."""
+    return F.layer_norm(x, normalized_shape, weight, bias, eps), None, None
+
+
+def select(x, dim, index):
+    """aten.select.int: x[..., index, ...] on `dim` (the dim dropped)."""
+    return paddle.squeeze(slice(x, dim, index, index + 1 if index != -1 else INT64_MAX, 1), axis=dim)
+
+
+def slice(x, dim, start=None, end=None, step=1):  # noqa: A001 (the ATen op's name)
+    """aten.slice.Tensor: x[start:end:step] on `dim`; None and out-of-range bounds are clamped."""
+    start = 0 if start is None else start
+    end = INT64_MAX if end is None else end
+    return paddle.strided_slice(x, axes=[dim], starts=[start], ends=[end], strides=[step])
+
+
+def index(x, indices):
+    """aten.index.Tensor with one index tensor (None for the dims before it): x[:, ..., idx]."""
+    dims = [i for i, t in enumerate(indices) if t is not None]
+    if len(dims) != 1:
+        raise NotImplementedError("aten.index with several index tensors is not lowered to Paddle")
+    idx = indices[dims[0]]
+    if idx.dtype == paddle.bool:
+        raise NotImplementedError("boolean indexing is not lowered to Paddle (data-dependent shape)")
+    flat = paddle.reshape(idx, [-1])
+    out = paddle.index_select(x, flat, axis=dims[0])
+    shape = paddle.shape(x)
+    new = paddle.concat([shape[:dims[0]], paddle.shape(idx), shape[dims[0] + 1:]])
+    return paddle.reshape(out, new)
+
+
+def max_dim(x, dim, keepdim=False):
+    """aten.max.dim -> (values, indices)."""
+    return paddle.max(x, axis=dim, keepdim=keepdim), paddle.argmax(x, axis=dim, keepdim=keepdim)

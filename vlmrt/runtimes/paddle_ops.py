@@ -45,18 +45,22 @@ def slice(x, dim, start=None, end=None, step=1):  # noqa: A001 (the ATen op's na
 
 
 def index(x, indices):
-    """aten.index.Tensor with one index tensor (None for the dims before it): x[:, ..., idx]."""
+    """aten.index.Tensor: x[..., i0, i1, ...] with integer index tensors on adjacent dims (None for
+    the dims before them), broadcast together: out [x dims before, index shape, x dims after]."""
     dims = [i for i, t in enumerate(indices) if t is not None]
-    if len(dims) != 1:
-        raise NotImplementedError("aten.index with several index tensors is not lowered to Paddle")
-    idx = indices[dims[0]]
-    if idx.dtype == paddle.bool:
+    p, k = dims[0], len(dims)
+    if dims != list(range(p, p + k)):
+        raise NotImplementedError("aten.index on non-adjacent dims is not lowered to Paddle")
+    idx = [indices[d] for d in dims]
+    if any(t.dtype == paddle.bool for t in idx):
         raise NotImplementedError("boolean indexing is not lowered to Paddle (data-dependent shape)")
-    flat = paddle.reshape(idx, [-1])
-    out = paddle.index_select(x, flat, axis=dims[0])
-    shape = paddle.shape(x)
-    new = paddle.concat([shape[:dims[0]], paddle.shape(idx), shape[dims[0] + 1:]])
-    return paddle.reshape(out, new)
+    idx = paddle.broadcast_tensors(idx) if k > 1 else idx
+    nd, r = len(x.shape), len(idx[0].shape)
+    xt = paddle.transpose(x, list(range(p, p + k)) + list(range(p)) + list(range(p + k, nd))) if p else x
+    out = paddle.gather_nd(xt, paddle.stack(idx, axis=-1))  # [*I, x dims before, x dims after]
+    if p:
+        out = paddle.transpose(out, list(range(r, r + p)) + list(range(r)) + list(range(r + p, r + nd - k)))
+    return out
 
 
 def max_dim(x, dim, keepdim=False):

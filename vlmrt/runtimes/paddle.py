@@ -95,6 +95,7 @@ class PaddleRuntime:
 
         self.threads = threads or cpu_threads() or len(os.sched_getaffinity(0))
         paddle.set_device("cpu")
+        paddle.base.core.set_num_threads(self.threads)  # the kernels of the in-process programs
         if getattr(loaded, "weights", None) is not None:
             raise VlmrtError("--runtime paddle runs the model's own weights; leave --quantize out")
         if loaded.device.type != "cpu":
@@ -219,7 +220,9 @@ class PaddleRuntime:
                  LOGITS_INDEX: at, **extras}
         for i in range(self.num_layers):
             named[past_key_name(i)], named[past_value_name(i)] = keys[i], values[i]
-        outs = self._call("decoder", named, {})
+        (b, t), s = embeds.shape[:2], keys[0].shape[2]
+        outs = self._call("decoder", named, {"batch": b, "sequence": t, "cache_sequence": s})  # absent extras
+        # (SliMM's deepstack_embeds after the prefill) are zeros of these dims
         keys = [outs[f"present.{i}.key"] for i in range(self.num_layers)]
         values = [outs[f"present.{i}.value"] for i in range(self.num_layers)]
         return to_torch(outs[LOGITS]), keys, values

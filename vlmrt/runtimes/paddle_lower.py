@@ -185,6 +185,10 @@ def _pow(w: Writer, node, a, b, **_):
     return f"paddle.pow({w.cast(a, dtype)}, {w.cast(b, dtype)})"
 
 
+def _div_mode(w: Writer, node, a, b, rounding_mode=None, **_):
+    return f"ops.div_mode({w.value(a)}, {w.value(b)}, {dtype_name(node.meta['val'].dtype)!r}, {rounding_mode!r})"
+
+
 OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a Paddle expression
     "aten._softmax.default": _softmax,
     "aten._to_copy.default": _to_copy,
@@ -212,7 +216,7 @@ OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a Paddle e
     "aten.cos.default": _unary("paddle.cos"),
     "aten.cumsum.default": _cumsum,
     "aten.div.Tensor": _binary("({a} / {b})"),
-    "aten.div.Tensor_mode": _call("ops.div_mode({0}, {1}, {dtype})"),
+    "aten.div.Tensor_mode": _div_mode,
     "aten.embedding.default": _call("F.embedding({1}, {0})"),
     "aten.eq.Scalar": _binary("({a} == {b})", compare=True),
     "aten.eq.Tensor": _binary("({a} == {b})", compare=True),

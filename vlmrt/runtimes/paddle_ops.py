@@ -21,9 +21,13 @@ def convolution(x, weight, bias, stride, padding, dilation, transposed, output_p
 
 
 def div_mode(a, b, dtype, rounding_mode=None):
-    """aten.div.Tensor_mode: "trunc" or "floor" rounding of a / b."""
-    q = paddle.cast(a, "float32") / paddle.cast(b, "float32") if dtype.startswith("int") else a / b
-    q = paddle.floor(q) if rounding_mode == "floor" else paddle.trunc(q)
+    """aten.div.Tensor_mode: a / b rounded "trunc" or "floor", in `dtype` (integers through float64:
+    exact below 2**53); a or b may be a Python number."""
+    compute = "float64" if dtype.startswith(("int", "uint")) else dtype
+    number = (int, float)  # a static program's tensors are not paddle.Tensor instances: test for numbers
+    a = paddle.full([], a, compute) if isinstance(a, number) else paddle.cast(a, compute)
+    b = paddle.full([], b, compute) if isinstance(b, number) else paddle.cast(b, compute)
+    q = paddle.floor(a / b) if rounding_mode == "floor" else paddle.trunc(a / b)
     return paddle.cast(q, dtype)
 
 

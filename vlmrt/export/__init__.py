@@ -48,7 +48,7 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
     if format not in ("onnx", "aoti", "paddle"):
         raise VlmrtError(f"unknown export format {format!r}; use --format onnx, aoti or paddle")
     if format == "paddle":
-        from vlmrt.runtimes.paddle_lower import import_paddle
+        from vlmrt.runtimes.paddle import import_paddle
 
         import_paddle()  # before loading the model: a missing extra is a one-line error
     if (batch or seq) and not static_shapes:

@@ -27,7 +27,7 @@ RTOL, ATOL = 1e-4, 1e-5  # the program against eager on the export's examples (f
 
 
 def _check(static, args, expected, names, stage: str) -> None:
-    from vlmrt.runtimes.paddle_lower import to_paddle
+    from vlmrt.runtimes.paddle import to_paddle
 
     got = static(*[to_paddle(a) for a in args])
     for name, a, b in zip(names, got, expected):
@@ -50,7 +50,8 @@ def lower_stages(loaded, folder: Path, progress=None) -> tuple[list[GraphInfo], 
         (one GraphInfo per stage, naming <stage>.json / .pdiparams; stage -> the static program).
     """
     from vlmrt.export.aoti import _infos, export_graphs, export_program
-    from vlmrt.runtimes.paddle_lower import build_layer, import_paddle, lower_program
+    from vlmrt.runtimes.paddle import import_paddle
+    from vlmrt.runtimes.paddle_lower import build_layer, lower_program
 
     import_paddle()
     if loaded.device.type != "cpu":
@@ -93,7 +94,7 @@ def export_paddle_model(loaded, out: str | Path, force: bool = False, progress=N
     """
     from vlmrt.export.manifest import MANIFEST, write_manifest
     from vlmrt.export.onnx import export_dtype, new_manifest, prepare_out
-    from vlmrt.runtimes.paddle_lower import import_paddle
+    from vlmrt.runtimes.paddle import import_paddle
 
     paddle = import_paddle()
     dtype = export_dtype(loaded)

@@ -36,16 +36,25 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "int64": torch.int64, "int32": torch.int32, "bool": torch.bool}
 
 
+EXTRA_HINT = "install the extra: pip install 'vlmrt[paddle]' (paddlepaddle)"
+
+
 def import_paddle():
-    from vlmrt.runtimes.paddle_lower import import_paddle as _import
+    """The paddle module, or a VlmrtError naming the extra when it is not installed."""
+    try:
+        import paddle
+    except ImportError:
+        raise VlmrtError(f"--runtime paddle needs PaddlePaddle; {EXTRA_HINT}") from None
+    return paddle
 
-    return _import()
 
-
-def to_paddle(value):
-    from vlmrt.runtimes.paddle_lower import to_paddle as _to
-
-    return _to(value)
+def to_paddle(t: torch.Tensor):
+    """A torch tensor -> a Paddle tensor on the CPU (a host copy; bf16 through fp32)."""
+    paddle = import_paddle()
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return paddle.to_tensor(t.float().numpy()).astype("bfloat16")
+    return paddle.to_tensor(t.contiguous().numpy())
 
 
 def to_torch(value) -> torch.Tensor:
@@ -105,6 +114,9 @@ class PaddleRuntime:
             self._from_export(loaded.export_dir)
         else:
             self._lower(loaded)
+        from vlmrt.runtimes.onnx import CacheGeometry
+
+        self.model = CacheGeometry(self.num_layers, self.num_kv_heads, self.head_dim, self.max_context)  # the engine's
         self.keys: list = []
         self.values: list = []
         self.seq = self.past_len = 0

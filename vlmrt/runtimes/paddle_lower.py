@@ -377,33 +377,14 @@ def lower_program(ep, input_names: list[str], output_names: list[str], stage: st
 
 
 # ----------------------------------------------------------------------------- Paddle programs
-EXTRA_HINT = "install the extra: pip install 'vlmrt[paddle]' (paddlepaddle)"
-
-
-def import_paddle():
-    """The paddle module, or a VlmrtError naming the extra when it is not installed."""
-    try:
-        import paddle
-    except ImportError:
-        raise VlmrtError(f"--runtime paddle needs PaddlePaddle; {EXTRA_HINT}") from None
-    return paddle
-
-
-def to_paddle(t: torch.Tensor):
-    """A torch tensor -> a Paddle tensor on the CPU (a host copy; bf16 through fp32)."""
-    paddle = import_paddle()
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return paddle.to_tensor(t.float().numpy()).astype("bfloat16")
-    return paddle.to_tensor(t.contiguous().numpy())
-
-
 def build_layer(lowered: LoweredStage, folder, stem: str):
     """The lowered stage as a static Paddle program: its source written to `folder`/<stem>.py and
     imported, the weights as persistable buffers, `paddle.jit.to_static` over input specs whose
     dynamic dims are None (one program for every shape), built now."""
     import importlib.util
     from pathlib import Path
+
+    from vlmrt.runtimes.paddle import import_paddle, to_paddle
 
     paddle = import_paddle()
     path = Path(folder) / f"{stem}.py"

@@ -69,6 +69,8 @@ class Writer:
         m = _meta(x)
         if isinstance(m, torch.Tensor) and m.dtype != dtype:
             return f"paddle.cast({x.name}, {dtype_name(dtype)!r})"
+        if isinstance(m, (torch.SymInt, torch.SymFloat)):  # a size: a 0-D int64 tensor in the program
+            return f"paddle.cast({x.name}, {dtype_name(dtype)!r})"
         if isinstance(x, bool) and dtype.is_floating_point:
             return repr(float(x))
         return self.value(x)
@@ -83,6 +85,8 @@ def _compute_dtype(args) -> torch.dtype:
             probes.append(torch.empty((0,) * min(m.dim(), 1), dtype=m.dtype))
         elif isinstance(a, (bool, int, float)):
             probes.append(a)
+        elif isinstance(m, (torch.SymInt, torch.SymFloat)):
+            probes.append(1 if isinstance(m, torch.SymInt) else 1.0)
     if not any(isinstance(p, torch.Tensor) for p in probes):
         return torch.float32
     out = probes[0] if isinstance(probes[0], torch.Tensor) else torch.tensor(probes[0])
@@ -108,10 +112,10 @@ def _binary(fmt: str, compare: bool = False):
     return emit
 
 
-def _unary(fn: str, float_only: bool = True):
+def _unary(fn: str):
+    """A one-operand op, its operand cast to the output dtype (rsqrt of an integer tensor is a float)."""
     def emit(w: Writer, node, x, **_):
-        dtype = node.meta["val"].dtype
-        return f"{fn}({w.cast(x, dtype) if float_only else w.value(x)})"
+        return f"{fn}({w.cast(x, node.meta['val'].dtype)})"
     return emit
 
 

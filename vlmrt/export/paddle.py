@@ -8,7 +8,7 @@ which `paddle.inference` predictors run with no vlmrt model code (vlmrt/runtimes
    vision.json + vision.pdiparams          pixel_values [batch,3,H,W] (+ family inputs) ─► image_features
    embedding.json + embedding.pdiparams    input_ids [batch,sequence], image_features ─► inputs_embeds
    decoder.json + decoder.pdiparams        the static-cache decoder: cache [batch,H_kv,cache_sequence,hd]
-   (<stage>.py: the generated Paddle source, for reading; not needed to run)
+   (<stage>.py: the generated Paddle source, for reading, when the export lowers the model itself)
  ─► tokenizer files, manifest.json ("runtime": "paddle", `graphs` with each program's I/O)
 ```
 """

@@ -48,7 +48,7 @@ class Pipeline:
             runtime_options: the runtime's constructor options.
             engine_options: the engine's KV pool (budget, slots); default `EngineOptions()`.
         """
-        from vlmrt.runtimes import runtime_class
+        from vlmrt.runtimes import build_runtime
 
         self.loaded = loaded
         self.engine_options = engine_options or EngineOptions()
@@ -63,7 +63,7 @@ class Pipeline:
             if runtime == "eager":
                 self.notes.append(f"{loaded.name} is {kind} export: it runs on {own}, not eager (--runtime {own} says so)")
             runtime = own
-        self.runtime = runtime_class(runtime or "eager")(loaded, **(runtime_options or {}))
+        self.runtime = build_runtime(runtime or "eager", loaded, **(runtime_options or {}))
 
     @classmethod
     def load(cls, model: str, runtime: str | None = "eager", device: str = "cpu", dtype: str = "fp32",

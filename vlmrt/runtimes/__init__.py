@@ -20,6 +20,7 @@ RUNTIMES = {  # name -> "module:Class", alphabetical
     "eager": "vlmrt.runtimes.eager:EagerRuntime",
     "jax": "vlmrt.runtimes.jax:JaxRuntime",
     "onnx": "vlmrt.runtimes.onnx:OnnxRuntime",
+    "paddle": "vlmrt.runtimes.paddle:PaddleRuntime",
 }
 
 

@@ -6,9 +6,8 @@
  runtime.py  LeaderRuntime (rank 0) and follow() (the other ranks)
  launch.py   --tp N on the command line: start or join the ranks, run the command on rank 0
 ```
+
+The package imports nothing itself: `vlmrt.runtimes.build_runtime` asks `vlmrt.tp.group` whether a
+group is active on every runtime build, and that must not pull the model code (vlmrt.models) into an
+export-only process.
 """
-
-from vlmrt.tp.group import TPGroup, active, close_group, init_group
-from vlmrt.tp.shard import check_plan, shard_model
-
-__all__ = ["TPGroup", "active", "check_plan", "close_group", "init_group", "shard_model"]

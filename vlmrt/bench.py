@@ -42,7 +42,7 @@ from vlmrt.errors import VlmrtError
 from vlmrt.generate import forced_logits, generate
 from vlmrt.models import load_model
 from vlmrt.processor import Processor
-from vlmrt.runtimes import RUNTIMES, runtime_class
+from vlmrt.runtimes import RUNTIMES, build_runtime, runtime_class
 
 HF_RUNTIMES = ("hf", "hf-compiled")  # transformers' own generate, dynamic cache / static cache (+ its auto-compile on CUDA)
 IMAGE = Path(__file__).resolve().parent / "assets" / "astronaut.jpg"
@@ -72,6 +72,7 @@ class BenchConfig:
     profile: bool = False  # one more profiled pass per (runtime, batch): vlmrt/profiling.py
     quantize: str | None = None  # weight format of runtimes named without one (`eager:int8` names its own)
     quantize_vision: bool = False  # formats also cover the vision stage
+    tp: int = 1  # tensor-parallel ranks of this run (vlmrt/tp; the eager runtime only)
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -165,9 +166,11 @@ def preprocess(processor, work: Workload, device: torch.device) -> tuple[dict, f
 class VlmrtRunner:
     """A vlmrt runtime driven by the shared generation loop, exactly as Pipeline drives it."""
 
-    def __init__(self, name: str, loaded, options: dict):
+    def __init__(self, name: str, loaded, options: dict, parallel: bool = True):
+        """Args: parallel: False: a single-device runtime even in a tensor-parallel group (the tp=1
+        reference the agreement columns compare with)."""
         self.name, self.loaded = name, loaded
-        self.runtime = runtime_class(name)(loaded, **options)
+        self.runtime = build_runtime(name, loaded, **options) if parallel else runtime_class(name)(loaded, **options)
 
     def generate(self, batch: dict, new_tokens: int) -> tuple[dict, torch.Tensor]:
         """-> (timings in ms, tokens [B,N])."""
@@ -326,7 +329,7 @@ def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> t
             return None, ["agreement not measured: an fp32 copy of the model does not fit beside it"]
         log("loading an fp32 copy of the model for the reference tokens")
         ref = load_model(cfg.model, device=cfg.device, dtype="fp32", seed=cfg.seed)
-    runner, refs = VlmrtRunner("eager", ref, {}), {}
+    runner, refs = VlmrtRunner("eager", ref, {}, parallel=False), {}  # before any runner shards the model
     for b, work in works.items():
         log(f"reference: eager fp32 greedy, batch {b}")
         batch = preprocess(processor, work, loaded.device)[0]

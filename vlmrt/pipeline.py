@@ -18,7 +18,7 @@ from vlmrt.engine import Engine, EngineOptions, Request
 from vlmrt.generate import StreamCallback, generate
 from vlmrt.processor import Processor
 
-EXPORT_KINDS = {"aoti": "an AOTInductor", "onnx": "an ONNX", "stablehlo": "a StableHLO"}  # manifest runtime -> words
+EXPORT_KINDS = {"aoti": "an AOTInductor", "onnx": "an ONNX", "paddle": "a Paddle", "stablehlo": "a StableHLO"}  # manifest runtime -> words
 
 
 @dataclass
@@ -44,13 +44,13 @@ class Pipeline:
                  engine_options: EngineOptions | None = None):
         """Args:
             loaded: a `vlmrt.models.LoadedModel`.
-            runtime: "eager", "compiled", "onnx", "aoti", "jax" or "stablehlo"; None: eager, or the runtime an export
+            runtime: "eager", "compiled", "onnx", "aoti", "jax", "paddle" or "stablehlo"; None: eager, or the runtime an export
                 folder's manifest names. An export asked to run on "eager" runs on its own runtime,
                 and `notes` says so.
             runtime_options: the runtime's constructor options.
             engine_options: the engine's KV pool (budget, slots); default `EngineOptions()`.
         """
-        from vlmrt.runtimes import runtime_class
+        from vlmrt.runtimes import build_runtime
 
         self.loaded = loaded
         self.engine_options = engine_options or EngineOptions()
@@ -65,7 +65,7 @@ class Pipeline:
             if runtime == "eager":
                 self.notes.append(f"{loaded.name} is {kind} export: it runs on {own}, not eager (--runtime {own} says so)")
             runtime = own
-        self.runtime = runtime_class(runtime or "eager")(loaded, **(runtime_options or {}))
+        self.runtime = build_runtime(runtime or "eager", loaded, **(runtime_options or {}))
 
     @classmethod
     def load(cls, model: str, runtime: str | None = "eager", device: str = "cpu", dtype: str = "fp32",

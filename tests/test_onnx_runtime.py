@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from PIL import Image
 
 from conftest import ASSETS, PARITY_PROMPTS, assert_runtime_parity, load_tiny, parity_images
 from families import FAMILY_TESTS

@@ -10,7 +10,6 @@ from families import FAMILY_TESTS
 from vlmrt.export.static_cache import StaticCacheDecoder, static_decoder_names
 from vlmrt.generate import prompt_positions, split_embedded
 from vlmrt.pipeline import Pipeline
-from vlmrt.stages import past_key_name, past_value_name
 
 FAMILIES = sorted(FAMILY_TESTS)
 RTOL, ATOL = 1e-4, 1e-5  # fp32

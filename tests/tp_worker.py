@@ -29,7 +29,7 @@ from vlmrt.quantize import parse_weights, with_weights
 from vlmrt.runtimes.eager import EagerRuntime
 from vlmrt.tp.group import init_group
 from vlmrt.tp.launch import spawn_ranks
-from vlmrt.tp.runtime import LeaderRuntime, stop_followers
+from vlmrt.tp.runtime import LeaderRuntime
 
 sys.path.insert(0, str(Path(__file__).parent))
 from families import FAMILY_TESTS  # noqa: E402

@@ -119,6 +119,13 @@ def _prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_posi
     return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=logits_at, **extras)
 
 
+def _fresh_prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at, extras):
+    """The engine's prefill, one prompt alone at positions 0..T-1 of an empty row: plain causal
+    attention (SDPA's is_causal, no mask tensor; vlmrt.models.layers.attention_bias)."""
+    return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=logits_at,
+                        causal_prefill=True, **extras)
+
+
 def _decode_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache):
     """[Bb,1,D] -> logits [Bb,1,V]."""
     return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache)
@@ -319,7 +326,7 @@ class CompiledRuntime:
         self._prefill_view = SlotView(self.pool, self._prefill_row, None)
         o = self.options
         kw = {"backend": o.backend, **({"mode": o.mode} if o.mode else {})}
-        self._engine_prefill = torch.compile(_own_copy(_prefill_step), dynamic=True, **kw)  # one graph for every T
+        self._engine_prefill = torch.compile(_own_copy(_fresh_prefill_step), dynamic=True, **kw)  # one graph for every T
         self._engine_decode = torch.compile(_own_copy(_decode_step), dynamic=False, **kw)  # one per bucket
         return self.pool
 
@@ -341,8 +348,8 @@ class CompiledRuntime:
         `logits_at` given) runs the dynamic-length graph; a decode over rows [0, n) runs the graph of
         the smallest bucket >= n, its rows past n padding (zero mask, scratch position)."""
         if step.logits_at is not None:
-            if step.stop - step.start != 1:
-                raise VlmrtError("the compiled runtime prefills one request per call")
+            if step.stop - step.start != 1 or not step.causal_prefill:
+                raise VlmrtError("the compiled runtime prefills one request per call, alone in its row")
             return self._engine_prefill_call(step.start, step.inputs_embeds, step.position_ids, step.attention_mask,
                                              step.cache_position, step.logits_at, step.extras)
         if step.start != 0:

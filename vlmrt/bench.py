@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from vlmrt.bench_batch import (COLUMNS, TIMED, VlmrtRunner, add_speedups, agreement,  # noqa: F401 (the batch table's API)
-                               build_prompt, engine_options, first_divergence, make_workload, preprocess, sweep_batch)
+                               build_prompt, engine_options, first_divergence, make_workload, preprocess, probe_positions,
+                               sweep_batch)
 from vlmrt.bench_weights import add_bandwidth_columns, bandwidth_probe, split_label
 from vlmrt.config import DTYPES, resolve_device
 from vlmrt.errors import VlmrtError
@@ -199,6 +200,7 @@ def _run_bench(cfg: BenchConfig, log, tick) -> dict:
                          f"{loaded.max_context}; lower --max-new-tokens or --prompt-tokens")
     refs, notes = reference_tokens(cfg, loaded, processor, works, log)
     max_seq = max(w.prompt_tokens for w in works.values()) + cfg.new_tokens
+    max_seq = max(max_seq, probe_positions(processor))  # a compiled engine's warm-up probe fits too
     pool: dict = {}  # quantized copies of the model, one per format (vlmrt.quantize.loaded_for)
     runners = {name: _make_or_error(name, cfg, loaded, max_seq, log, pool) for name in dict.fromkeys(cfg.runtimes)}
     rows = [r for b, w in works.items() for r in sweep_batch(runners, w, cfg, processor, loaded.device,

@@ -169,6 +169,14 @@ def engine_options(rows: int, max_seq: int | None = None) -> EngineOptions:
     return EngineOptions(max_slots=rows, max_seq=max_seq, max_prefills=rows)
 
 
+def probe_positions(processor) -> int:
+    """Cache positions the engine's warm-up probe (vlmrt.engine.Engine._warm_up: the bundled photo,
+    its question, 2 tokens) needs, so that a runtime sized to short prompts can still warm up."""
+    from vlmrt.engine import WARMUP_PROMPT
+
+    return make_workload(processor, 1, WARMUP_PROMPT).prompt_tokens + 2
+
+
 def first_row(batch: dict) -> dict:
     """The first row of a processor batch of identical rows, as the processor makes one row: tensors
     [B,...] -> [1,...], M-RoPE position_ids [3,B,T] -> [3,1,T], patch rows [N,P] with image_grid_thw

@@ -53,6 +53,9 @@ from vlmrt.generate import RowText, byte_piece_ids, prompt_positions, sample_nex
 from vlmrt.kv_cache import default_kv_budget, slot_bytes, slots_for_budget
 
 
+WARMUP_PROMPT = "Describe this image."  # the warm-up probe's question (about the bundled photo, 2 tokens)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Size of the engine's KV pool."""
@@ -246,7 +249,7 @@ class Engine:
         (the bundled photo) compiles vision and prefill with the family's real input kinds, then
         the runtime's warmup() the decode graph of every bucket."""
         probe = Path(__file__).parent / "assets" / "astronaut.jpg"
-        self.run([Request("Describe this image.", probe, replace(self.default_config, max_new_tokens=2))])
+        self.run([Request(WARMUP_PROMPT, probe, replace(self.default_config, max_new_tokens=2))])
         with torch.inference_mode():
             self.runtime.warmup()
         self.timers = dict.fromkeys(self.timers, 0)

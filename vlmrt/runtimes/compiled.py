@@ -189,7 +189,7 @@ class CompiledRuntime:
         self.use_graphs = self.device.type == "cuda" if o.cuda_graphs is None else o.cuda_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise VlmrtError("cuda_graphs=True needs the model on a CUDA device; load it with --device cuda")
-        _raise_recompile_limit(len(self.batch_buckets) * 16)
+        _raise_recompile_limit(len(self.batch_buckets) * 16 * (len(o.window_buckets) + 1))  # a graph per window too
         compile_kw = {"backend": o.backend, "dynamic": o.dynamic, **({"mode": o.mode} if o.mode else {})}
         self._prefill = torch.compile(_own_copy(_prefill_step), **compile_kw)
         self._decode = torch.compile(_own_copy(_decode_step), **compile_kw)

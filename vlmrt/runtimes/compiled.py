@@ -488,6 +488,9 @@ def _make_options(options: dict) -> CompiledOptions:
     o = CompiledOptions(**options)
     if o.max_batch < 1 or o.seq_multiple < 1 or o.prefill_multiple < 1:
         raise VlmrtError("max_batch, seq_multiple and prefill_multiple must be at least 1")
+    if not all(isinstance(w, int) and w >= 1 for w in o.window_buckets):
+        raise VlmrtError(f"window_buckets are key positions per attention window, each at least 1 "
+                         f"(e.g. (256, 1024)); got {o.window_buckets!r}")
     if o.mode in ("reduce-overhead", "max-autotune"):  # these modes capture CUDA graphs of their own
         raise VlmrtError(f"mode={o.mode!r} captures CUDA graphs itself, and this runtime already captures its "
                          "own; use mode='max-autotune-no-cudagraphs' (or leave mode unset)")

@@ -6,8 +6,11 @@ top-1/top-2 logit gaps of the fp32 model, and teacher-forced agreement for forma
    └► eager fp32: greedy tokens (N steps) ─► teacher-forced logits [1,N,V] ─► gap = top1 - top2
         each decoder linear's inputs are recorded on the way
    per format: ||W_q - W|| / ||W||  and  ||x W_q^T - x W^T|| / ||x W^T||   (x: the recorded inputs)
-   per variant: agreement (argmax == fp32 token) and max |logit error| / max |fp32 logit|
+   per variant: agreement (argmax == fp32 token), max |logit error| / max |fp32 logit|, and the
+   steps an error of that variant's size could flip: gap_t <= 2 max_v |logit error_t,v| (a step
+   whose gap is larger keeps its argmax whatever the error's direction; every disagreement is one)
       FORMAT         vlmrt.quantize (the packed kernels, bf16 activations)
+      onnx:FORMAT    the onnx runtime's export quantized with ONNX Runtime's tools
       noise-R        every quantized linear + Gaussian noise of R x its RMS (no format: a control)
       int4-fp32-gN   int4 asymmetric at block N dequantized to fp32 (blocks the kernels do not take)
 ```
@@ -26,7 +29,8 @@ from torch import nn
 
 from vlmrt.bench import VlmrtRunner, make_workload, preprocess
 from vlmrt.processor import Processor
-from vlmrt.quantize import WeightConfig, head_config, linear_method, parse_weights, quantize_model, select_linears
+from vlmrt.quantize import (WeightConfig, head_config, linear_method, loaded_for, parse_weights, quantize_model,
+                            select_linears)
 
 
 def load(name: str):
@@ -115,10 +119,17 @@ def main(argv=None) -> int:
         for name, k, we, oe in layer_errors(base, inputs, spec):
             print(f"  {name:50s} {k:6d} {we:.4f} {oe:.4f}")
     for spec in filter(None, args.variants.split(",")):
-        logits = VlmrtRunner("eager", variant(base, spec), {}).forced_logits(batch, tokens)
+        if spec.startswith("onnx:"):
+            runner = VlmrtRunner("onnx", loaded_for(base, "onnx", parse_weights(spec[5:]), {}), {})
+        else:
+            runner = VlmrtRunner("eager", variant(base, spec), {})
+        logits = runner.forced_logits(batch, tokens)
         agree = float((logits.argmax(-1) == tokens).float().mean())
-        rel = float((logits - ref).abs().max() / ref.abs().max())
-        print(f"{args.model} {spec:16s} agreement {agree * 100:5.1f}%  max logit error {rel:.3f}", flush=True)
+        err = (logits - ref).abs()  # [1,N,V]
+        rel = float(err.max() / ref.abs().max())
+        flippable = float((gap <= 2 * err.amax(-1).flatten()).float().mean())
+        print(f"{args.model} {spec:16s} agreement {agree * 100:5.1f}%  max logit error {rel:.3f}  "
+              f"steps it could flip {flippable * 100:5.1f}%", flush=True)
     return 0
 
 

@@ -15,6 +15,12 @@ Usage (a minute or two on an idle 2-core machine; see bench/RESULTS.md):
     python bench/llama_cpp_peer.py --threads 2 --rounds 3 --tokens 16 \\
         --formats fp32,bf16,int8,int4 --runtimes eager,onnx --out /tmp/peer
 
+Where no llama-cpp-python wheel exists: build only llama.cpp's `llama` shared library from the
+llama-cpp-python source archive (`pip download llama-cpp-python --no-deps --no-binary :all:`, its
+vendor/llama.cpp; cmake with -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_COMMON=OFF,
+target `llama`), put the archive's `llama_cpp` folder on PYTHONPATH and point LLAMA_CPP_LIB_PATH at
+the built libllama.so (bench/RESULTS.md has the exact commands).
+
 Without llama-cpp-python or llama-bench the llama.cpp rows say so, the GGUF files are still
 written (run llama-bench on them by hand), and vlmrt's rows are measured. On VMs that advertise AMX
 but do not allow it, build llama.cpp with `-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF`.
@@ -40,6 +46,19 @@ GGUF_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "F16", "int8": "Q8_0", "int4
 PROMPT = 16
 
 
+def gguf_type(fmt: str) -> str:
+    """The GGUF type llama.cpp runs beside vlmrt's format ("int8-g32" -> "Q8_0")."""
+    return GGUF_TYPES[fmt.partition("-")[0]]
+
+
+def output_type(qtype: str, width: int) -> str:
+    """The type llama.cpp's own quantizer (llama-quantize) gives a tied token_embd/output table:
+    q6_K for quantized files, q8_0 where the width is not a multiple of q6_K's 256 (Qwen2-0.5B: 896)."""
+    if qtype in ("F32", "F16", "Q8_0"):
+        return qtype
+    return "Q6_K" if width % 256 == 0 else "Q8_0"
+
+
 # ----------------------------------------------------------------------------- the model
 def build_decoder_model(seed: int):
     """slimm-qwen2-0.5b's decoder with a tiny vision tower, as a LoadedModel of the registry's kind."""
@@ -58,10 +77,12 @@ def build_decoder_model(seed: int):
 
 
 def write_gguf(model, cfg, path: Path, fmt: str) -> Path:
-    """The decoder's tensors as a llama.cpp `qwen2` GGUF file; matrices in `fmt`, norms and biases f32."""
+    """The decoder's tensors as a llama.cpp `qwen2` GGUF file; matrices in `fmt`, the tied embedding /
+    output table as llama-quantize types it (`output_type`), norms and biases f32."""
     import gguf
 
-    d, qtype = cfg.decoder, gguf.GGMLQuantizationType[GGUF_TYPES[fmt]]
+    d, qtype = cfg.decoder, gguf.GGMLQuantizationType[gguf_type(fmt)]
+    head = gguf.GGMLQuantizationType[output_type(gguf_type(fmt), d.hidden_size)]
     w = gguf.GGUFWriter(str(path), "qwen2")
     w.add_context_length(d.max_position_embeddings)
     w.add_embedding_length(d.hidden_size)
@@ -71,23 +92,23 @@ def write_gguf(model, cfg, path: Path, fmt: str) -> Path:
     w.add_head_count_kv(d.num_kv_heads)
     w.add_rope_freq_base(d.rope_theta)
     w.add_layer_norm_rms_eps(d.rms_norm_eps)
-    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "Q4_0": 2}[GGUF_TYPES[fmt]])
+    w.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7, "Q4_0": 2}[gguf_type(fmt)])
     w.add_tokenizer_model("gpt2")  # a placeholder vocabulary: decode is fed token ids, never text
     w.add_token_list([f"<t{i}>" for i in range(d.vocab_size)])
     w.add_token_types([1] * d.vocab_size)
-    w.add_token_merges([])
+    w.add_token_merges(["<t1> <t2>"])  # llama.cpp refuses a BPE vocabulary without merges; one placeholder
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
-    def add(name: str, arr: np.ndarray):
+    def add(name: str, arr: np.ndarray, kind=qtype):
         if arr.ndim == 2 and arr.shape[1] % 32 == 0:
-            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+            w.add_tensor(name, gguf.quants.quantize(arr, kind), raw_dtype=kind)
         else:
             w.add_tensor(name, arr.astype(np.float32))
 
-    add("token_embd.weight", sd["model.embed_tokens.weight"])  # tied: llama.cpp reuses it as the output
+    add("token_embd.weight", sd["model.embed_tokens.weight"], head)  # tied: llama.cpp reuses it as the output
     add("output_norm.weight", sd["model.norm.weight"])
     for i in range(d.num_layers):
         for ours, theirs in names.items():
@@ -137,8 +158,8 @@ class LlamaCpp:
         try:
             import llama_cpp
 
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_batch=PROMPT,
-                                       verbose=False, vocab_only=False)
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads,
+                                       n_batch=PROMPT, verbose=False)
         except ImportError:
             if not bench_bin:
                 raise RuntimeError("llama.cpp is not installed: neither llama-cpp-python nor a llama-bench binary")
@@ -179,10 +200,10 @@ def make_systems(args, loaded, out: Path) -> dict:
                     systems[label] = (lambda rt=rt: time_vlmrt(rt, hidden, args.tokens, True), fmt)
                 except Exception as e:  # a runtime without this format says why; the run goes on
                     systems[label] = (str(e).splitlines()[0], fmt)
-        label = f"llama.cpp {GGUF_TYPES[fmt].lower()}"
+        label = f"llama.cpp {gguf_type(fmt).lower()}"
         if label in systems or args.no_llama_cpp:
             continue
-        path = out / f"decoder-{GGUF_TYPES[fmt].lower()}.gguf"
+        path = out / f"decoder-{gguf_type(fmt).lower()}.gguf"
         try:
             if not path.exists():
                 write_gguf(loaded.model, loaded.config, path, fmt)
@@ -234,13 +255,14 @@ def report(systems: dict, runs: dict) -> list[dict]:
         ms = statistics.median(m for m, _ in runs[label])
         rows.append({"system": label, "format": fmt, "ms_per_token": ms,
                      "load": [round(x, 2) for _, x in runs[label]]})
-    peers = {r["format"]: r["ms_per_token"] for r in rows if r["system"].startswith("llama.cpp") and "ms_per_token" in r}
+    peers = {gguf_type(r["format"]): r["ms_per_token"] for r in rows
+             if r["system"].startswith("llama.cpp") and "ms_per_token" in r}
     print("| system | format | ms/token | x llama.cpp same precision | load averages |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['system']} | {r['format']} | - | - | not run: {r['error']} |")
             continue
-        peer = peers.get(r["format"])
+        peer = peers.get(gguf_type(r["format"]))
         ratio = f"{r['ms_per_token'] / peer:.2f}x" if peer else "-"
         print(f"| {r['system']} | {r['format']} | {r['ms_per_token']:.1f} | {ratio} | {', '.join(map(str, r['load']))} |")
     return rows

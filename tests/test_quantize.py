@@ -22,14 +22,16 @@ def _weight(n=48, k=128, seed=0):
 
 
 # ----------------------------------------------------------------------------- formats
-@pytest.mark.parametrize("spec", ["int8", "int4", "int4-g64-sym", "int4-g128"])
+@pytest.mark.parametrize("spec", ["int8", "int8-g32", "int4", "int4-g64-sym", "int4-g128"])
 def test_dequantized_weight_is_within_half_a_step(spec):
     cfg = parse_weights(spec)
     m, w = linear_method(cfg), _weight()
     packed = m.quantize(w)
     deq = m.dequantize(packed, tuple(w.shape))
-    if cfg.format == "int8":
+    if spec == "int8":
         step = packed["scales"].float()[:, None]  # [N,1]
+    elif cfg.format == "int8":
+        step = packed["scales"].float().T.repeat_interleave(cfg.group_size, 1)  # [G,N] -> [N,K]
     else:
         step = packed["scales_zeros"].float()[..., 0].transpose(0, 1).repeat_interleave(cfg.group_size, 1)[:48]
     err = (deq - w).abs()
@@ -37,7 +39,7 @@ def test_dequantized_weight_is_within_half_a_step(spec):
     assert err.max() > 0  # it really is lower precision
 
 
-@pytest.mark.parametrize("spec", ["int8", "int4", "int4-g32-sym", "bf16", "fp16"])
+@pytest.mark.parametrize("spec", ["int8", "int8-g32", "int4", "int4-g32-sym", "bf16", "fp16"])
 def test_packed_kernel_multiplies_by_the_dequantized_weight(spec):
     """The kernel's layout matches dequantize: catches a wrong nibble order, scale layout or zero convention."""
     cfg = parse_weights(spec)
@@ -48,6 +50,19 @@ def test_packed_kernel_multiplies_by_the_dequantized_weight(spec):
     expect = x.bfloat16().float() @ m.dequantize(packed, (40, 64)).T
     assert y.shape == (5, 40)
     torch.testing.assert_close(y, expect, rtol=0.02, atol=2e-3)
+
+
+def test_int8_groups_round_finer_than_one_scale_per_channel():
+    """A large weight in a row costs per-channel int8 the whole row's precision; a group only its own."""
+    w = _weight(n=16, k=256)
+    w[:, 3] = 0.5  # one outlier per row, 25 x the weights' std
+    errors = {}
+    for spec in ("int8", "int8-g32"):
+        m = linear_method(parse_weights(spec))
+        errors[spec] = float((m.dequantize(m.quantize(w), tuple(w.shape)) - w)[:, 32:].norm())
+    assert errors["int8-g32"] < errors["int8"] / 5, errors  # the 7 groups without it keep their own scale
+    assert parse_weights("int8-g32").tag == "int8-g32" and parse_weights("int8").group_size == 0
+    assert head_config(parse_weights("int4")) == WeightConfig("int8")  # an int4 model's head: per channel
 
 
 def _linear(w, bias=False):
@@ -172,6 +187,12 @@ def test_onnx_exports_are_cached_per_format_and_int8_is_close_to_fp32(tmp_path, 
     assert bits == {(False, 4), (True, 8)}  # the decoder's MatMuls at 4 bits, lm_head at 8
     from vlmrt.runtimes.onnx import OnnxRuntime
 
+    g32 = with_weights(base, parse_weights("int8-g32"))
+    OnnxRuntime(g32)  # exported, then quantized: MatMulNBits 8-bit with one scale per 32 columns
+    nodes = onnx.load(str(cache_folder(g32) / "decoder.onnx"), load_external_data=False).graph.node
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes if n.op_type == "MatMulNBits"]
+    assert attrs and {(a["bits"], a["block_size"]) for a in attrs} == {(8, 32)}
+
     def prepacking_off(rt):
         options = rt.sessions["decoder"].get_session_options()
         try:
@@ -189,8 +210,14 @@ def test_bad_formats_are_clear_errors():
         parse_weights("int3")
     with pytest.raises(VlmrtError, match="block size 48 is not supported"):
         parse_weights("int4-g48")
-    with pytest.raises(VlmrtError, match="applies to int4 only"):
-        parse_weights("int8-g64")
+    with pytest.raises(VlmrtError, match="symmetry or head format applies to int4 only"):
+        parse_weights("int8-sym")
+    with pytest.raises(VlmrtError, match="int8 block size 48 is not supported; choose one of 32, 64, 128, 256"):
+        parse_weights("int8-g48")
+    with pytest.raises(VlmrtError, match="block size applies to int8 and int4 only"):
+        parse_weights("bf16-g32")
+    with pytest.raises(VlmrtError, match="fp16 weights take no block size"):
+        WeightConfig("fp16", group_size=32)
     with pytest.raises(VlmrtError, match="is not gN"):
         parse_weights("int4-fast")
     with pytest.raises(VlmrtError, match="needs a format"):
@@ -203,7 +230,18 @@ def test_block_size_must_divide_every_width():
     model = load_model("minigpt4-tiny").model  # widths 32 and 64
     with pytest.raises(VlmrtError, match="block size 128 does not divide the width 32 of .*; choose one of 32"):
         quantize_model(model, parse_weights("int4-g128"))
+    with pytest.raises(VlmrtError, match="int8 block size 64 does not divide the width 32 of .*; choose one of 32"):
+        quantize_model(model, parse_weights("int8-g64"))
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # checked before any swap
+
+
+def test_tensor_parallel_refuses_grouped_int8():
+    from vlmrt.tp.shard import check_shardable
+
+    model = load_model("minigpt4-tiny").model
+    with pytest.raises(VlmrtError, match="--tp with --quantize int8-g32 is not supported.*use --quantize int8"):
+        check_shardable(model, parse_weights("int8-g32"), 2)
+    check_shardable(model, parse_weights("int8"), 2)  # per channel slices
 
 
 def test_a_runtime_without_a_kernel_says_so():

@@ -68,6 +68,7 @@ class BenchConfig:
     profile: bool = False  # one more profiled pass per (runtime, batch): vlmrt/profiling.py
     quantize: str | None = None  # weight format of runtimes named without one (`eager:int8` names its own)
     quantize_vision: bool = False  # formats also cover the vision stage
+    tp: int = 1  # tensor-parallel ranks of this run (vlmrt/tp; the eager runtime only)
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -154,7 +155,7 @@ def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> t
             return None, ["agreement not measured: an fp32 copy of the model does not fit beside it"]
         log("loading an fp32 copy of the model for the reference tokens")
         ref = load_model(cfg.model, device=cfg.device, dtype="fp32", seed=cfg.seed)
-    runner, refs = VlmrtRunner("eager", ref, {}, engine_options(max(works))), {}
+    runner, refs = VlmrtRunner("eager", ref, {}, engine_options(max(works)), parallel=False), {}  # before any runner shards the model
     for b, work in works.items():
         log(f"reference: eager fp32 greedy, batch {b}")
         batch = preprocess(processor, work, loaded.device)[0]

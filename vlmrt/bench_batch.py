@@ -24,7 +24,7 @@ from vlmrt.config import GenerationConfig
 from vlmrt.engine import EngineOptions, Request
 from vlmrt.errors import VlmrtError
 from vlmrt.generate import forced_logits, generate
-from vlmrt.runtimes import runtime_class
+from vlmrt.runtimes import build_runtime, runtime_class
 
 if TYPE_CHECKING:
     from vlmrt.bench import BenchConfig
@@ -107,11 +107,13 @@ class VlmrtRunner:
         options: the runtime's constructor options.
         engine: the engine's options (None: `engine_options(32)`); the engine is made on the first
             `generate`, so a compiled runtime's warm-up counts as warm-up, not as a timed run.
+        parallel: False: a single-device runtime even in a tensor-parallel group (the tp=1
+            reference the agreement columns compare with).
     """
 
-    def __init__(self, name: str, loaded, options: dict, engine: EngineOptions | None = None):
+    def __init__(self, name: str, loaded, options: dict, engine: EngineOptions | None = None, parallel: bool = True):
         self.name, self.loaded = name, loaded
-        self.runtime = runtime_class(name)(loaded, **options)
+        self.runtime = build_runtime(name, loaded, **options) if parallel else runtime_class(name)(loaded, **options)
         self.engine_options = engine or engine_options(EngineOptions.max_slots)
         self._engine = None
 

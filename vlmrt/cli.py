@@ -21,7 +21,7 @@ from vlmrt import __version__
 from vlmrt.errors import VlmrtError
 from vlmrt.eval.commands import add_caption_args, add_eval_args, cmd_caption, cmd_eval
 from vlmrt.options import (Parser, at_least, generation_args, in_range, int_list, model_args, non_negative_int,
-                           note_renamed, positive_int, runtime_args, weight_args,
+                           note_renamed, parallel_args, positive_int, runtime_args, weight_args,
                            kv_cache_args)
 
 
@@ -31,6 +31,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     generation_args(p)
     weight_args(p)
     kv_cache_args(p)
+    parallel_args(p)
     p.add_argument("--image", required=True, action="append", help="image file; repeat for a batch")
     p.add_argument("--prompt", required=True, action="append", help="the question; one for all images or one per image")
     p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
@@ -159,7 +160,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the export folder (absent or empty unless --force)")
     p.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
-    p.add_argument("--format", default="onnx", choices=["onnx", "aoti"], help="onnx graphs (default) or AOTInductor .pt2 packages")
+    p.add_argument("--format", default="onnx", choices=["onnx", "aoti", "paddle"],
+                   help="onnx graphs (default), AOTInductor .pt2 packages, or Paddle Inference model files")
     p.add_argument("--static-shapes", action="store_true", help="onnx: fixed shapes only, one graph per bucket (for Ascend ATC)")
     p.add_argument("--batch", help="--static-shapes: batch buckets, e.g. 1,4 (default 1)")
     p.add_argument("--seq", help="--static-shapes: sequence buckets, e.g. 128,512; the largest is the KV cache (default 512)")
@@ -167,7 +169,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    """Export a model's vision, embedding and decoder stages (ONNX graphs or AOTInductor packages),
+    """Export a model's vision, embedding and decoder stages (ONNX graphs, AOTInductor packages or
+    Paddle Inference model files),
     with the tokenizer and a manifest; `vlmrt run --model OUT ...` then runs it with no model code.
     fp16 is for GPU providers (ONNX Runtime's CPU kernels are fp32)."""
     from vlmrt.export import export
@@ -199,6 +202,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     runtime_args(p)
     weight_args(p)
     kv_cache_args(p)
+    parallel_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
@@ -270,6 +274,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                             "runtime may name a weight format: eager:int8,onnx:int4-g64")
     generation_args(p, max_new_tokens=256, sampling=False, beams=False, tokens_help="tokens generated per row, stops ignored")
     weight_args(p)
+    parallel_args(p, many=True)
     g = p.add_argument_group("sweep")
     g.add_argument("--batch", type=int_list, default=(1, 2, 4, 8, 10), metavar="B,B,...",
                    help="comma-separated batch sizes (default 1,2,4,8,10)")
@@ -302,11 +307,16 @@ def cmd_bench(args) -> int:
     weights_from_args(args)  # --threads, and a clear error for a bad --quantize before any work
     if args.scenario == "serve":
         return _serve_bench(args)
+    tp = args.tp if isinstance(args.tp, int) else 1
+    if tp > 1 or not isinstance(args.tp, int):
+        args.runtime = _tp_runtimes(args)
+    if not isinstance(args.tp, int):
+        return _tp_sweep(args)
     cfg = BenchConfig(
         model=args.model, out=args.out, runtimes=args.runtime, batches=args.batch, new_tokens=args.max_new_tokens,
         prompt_tokens=args.prompt_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, agreement=not args.no_agreement, profile=args.profile,
-        quantize=args.quantize, quantize_vision=args.quantize_vision,
+        quantize=args.quantize, quantize_vision=args.quantize_vision, tp=tp,
     )
     result = run_bench(cfg, progress=not args.no_progress)
     print_notes(result["meta"]["notes"])
@@ -315,6 +325,36 @@ def cmd_bench(args) -> int:
         from vlmrt.profiling import format_profile
 
         print("\nper decode step (profiled pass):\n" + format_profile(result["rows"]))
+    return 0
+
+
+def _tp_runtimes(args) -> tuple[str, ...]:
+    """The runtimes of a bench with --tp: eager (with a weight format or not) only."""
+    runtimes = tuple(args.runtime)
+    if runtimes == ("eager", "compiled", "hf"):  # the default: the one runtime tensor parallelism runs on
+        return ("eager",)
+    if any(r.partition(":")[0] != "eager" for r in runtimes):
+        raise VlmrtError(f"--tp runs on the eager runtime only; give --runtime eager (or eager:int8), not {','.join(runtimes)}")
+    return runtimes
+
+
+def _tp_sweep(args) -> int:
+    """--tp 1,2,...: each value as its own `vlmrt bench --tp N --out OUT/tp-N` (its own group of
+    ranks), then every table; OUT/tp.json holds each run's rows and meta."""
+    from pathlib import Path
+
+    import subprocess
+
+    runs = {}
+    for n in args.tp:
+        out = Path(args.out) / f"tp-{n}"
+        print(f"vlmrt bench: --tp {n} -> {out}", file=sys.stderr, flush=True)
+        again = [*args.argv, "--runtime", ",".join(args.runtime), "--tp", str(n), "--out", str(out)]  # the last one counts
+        code = subprocess.run([sys.executable, "-m", "vlmrt", *again]).returncode
+        if code:
+            return code
+        runs[n] = json.loads((out / "results.json").read_text())
+    Path(args.out, "tp.json").write_text(json.dumps({str(n): r for n, r in runs.items()}, indent=1))
     return 0
 
 
@@ -358,15 +398,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(args, argv: list[str]) -> int:
+    """`args.func(args)`, or with --tp N (N > 1) the same as rank 0 of a tensor-parallel group."""
+    args.argv = argv  # a --tp sweep runs the command again per value
+    tp = getattr(args, "tp", 1)
+    if isinstance(tp, tuple) and len(tp) == 1:  # bench: one value is a group like any other command's
+        args.tp = tp = tp[0]
+    if isinstance(tp, int) and tp > 1:
+        from vlmrt.tp.launch import run_parallel
+
+        return run_parallel(args, argv)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); returns the exit code (2: bad input)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error already reported in one line
         return e.code
-    print_notes(getattr(args, "renamed", None) or [])
+    if os.environ.get("RANK", "0") == "0":  # a follower rank prints its errors only
+        print_notes(getattr(args, "renamed", None) or [])
     try:
-        code = args.func(args)
+        code = run_command(args, sys.argv[1:] if argv is None else list(argv))
         sys.stdout.flush()  # a closed pipe shows here, inside the try, not in Python's exit-time flush
         return code
     except VlmrtError as e:

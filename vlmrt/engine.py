@@ -415,8 +415,7 @@ class Engine:
             return
         s = self.running.pop(top)
         used = s.used
-        for buf in self.pool.keys + self.pool.values:
-            buf[free, :, :used].copy_(buf[top, :, :used])  # [H_kv,used,hd]
+        self.pool.move(top, free, used)  # [H_kv,used,hd] of every layer
         self.mask[free].copy_(self.mask[top])
         self.mask[top].zero_()
         s.slot = free

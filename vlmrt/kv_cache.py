@@ -145,6 +145,11 @@ class SlotKVCache:
         compiled runtimes keep theirs)."""
         return SlotView(self, torch.arange(start, stop, device=self.keys[0].device), start, window)
 
+    def move(self, src: int, dst: int, used: int) -> None:
+        """Row `dst` <- row `src`, positions [0, used) of every layer (the engine's compaction)."""
+        for buf in self.keys + self.values:
+            buf[dst, :, :used].copy_(buf[src, :, :used])  # [H_kv,used,hd]
+
 
 def slot_bytes(num_layers: int, num_kv_heads: int, max_seq: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes one slot of a SlotKVCache takes: keys and values of every layer, scratch included."""

@@ -11,6 +11,7 @@ one line before any work starts. Importing this module imports no torch.
  runtime_args    --runtime NAME | --runtime A,B,...    run, caption, serve | bench, eval parity
  generation_args --max-new-tokens (+ sampling, beams)  run, caption, bench, eval parity
  weight_args     --quantize --quantize-vision --threads run, caption, serve, bench, eval parity (export: no --threads)
+ parallel_args   --tp N | --tp N,N,... --tp-timeout    run, caption, serve | bench
 ```
 """
 
@@ -169,7 +170,8 @@ def weight_args(p, threads: bool = True):
     """--quantize, --quantize-vision (and --threads): the weight format and CPU threads. Returns the group."""
     g = p.add_argument_group("weights")
     g.add_argument("--quantize", default=None, metavar="FORMAT",
-                   help="weight format of the decoder's linear layers: int8, int4 (block 32, lm_head int8; int4-g64, "
+                   help="weight format of the decoder's linear layers: int8 (per channel; int8-g32: a scale per 32 "
+                        "columns), int4 (block 32, lm_head int8; int4-g64, "
                         "int4-g128-sym, int4-head4, ...), fp16 or bf16; add -nohead to keep lm_head as is "
                         "(default: the model's own weights)")
     g.add_argument("--quantize-vision", action="store_true", help="also quantize the vision stage's linear layers")
@@ -184,3 +186,18 @@ def kv_cache_args(p):
     p.add_argument("--kv-cache-gib", type=in_range(0.0, low_open=True), default=None, metavar="GIB",
                    help="memory for the engine's KV cache slots, in GiB (default: half the free GPU memory; on a "
                         "CPU a tenth of the RAM, at most 4)")
+
+
+def parallel_args(p, many: bool = False):
+    """--tp (ranks of tensor parallelism; `many`: a comma list to sweep) and --tp-timeout."""
+    g = p.add_argument_group("tensor parallel")
+    if many:
+        g.add_argument("--tp", type=int_list, default=(1,), metavar="N,N,...",
+                       help="tensor-parallel ranks to sweep, e.g. 1,2: each value runs as its own group (default 1)")
+    else:
+        g.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                       help="split the decoder over N ranks (torch.distributed: gloo on CPU, NCCL on CUDA); started "
+                            "here, or by `torchrun --nproc-per-node N -m vlmrt ...` (default 1; see docs/tp.md)")
+    g.add_argument("--tp-timeout", type=in_range(0.0, low_open=True), default=300.0, metavar="S",
+                   help="seconds a rank waits for the others in a collective before it stops with an error (default 300)")
+    return g

@@ -42,13 +42,13 @@ class Pipeline:
                  engine_options: EngineOptions | None = None):
         """Args:
             loaded: a `vlmrt.models.LoadedModel`.
-            runtime: "eager", "compiled", "onnx" or "aoti"; None: eager, or the runtime an export
+            runtime: "eager", "compiled", "onnx", "aoti", "jax" or "paddle"; None: eager, or the runtime an export
                 folder's manifest names. An export asked to run on "eager" runs on its own runtime,
                 and `notes` says so.
             runtime_options: the runtime's constructor options.
             engine_options: the engine's KV pool (budget, slots); default `EngineOptions()`.
         """
-        from vlmrt.runtimes import runtime_class
+        from vlmrt.runtimes import build_runtime
 
         self.loaded = loaded
         self.engine_options = engine_options or EngineOptions()
@@ -57,14 +57,13 @@ class Pipeline:
         self.notes: list[str] = []  # what the user asked for and did not get (one line each)
         if loaded.model is None:  # an export folder holds graphs only: the runtime its manifest names runs them
             own = getattr(loaded.config, "runtime", "onnx")
+            kind = {"aoti": "an AOTInductor", "paddle": "a Paddle"}.get(own, "an ONNX")
             if runtime not in (None, "eager", own):
-                kind = "an AOTInductor" if own == "aoti" else "an ONNX"
                 raise VlmrtError(f"{loaded.name} is {kind} export; it runs on --runtime {own}, not {runtime}")
             if runtime == "eager":
-                self.notes.append(f"{loaded.name} is {'an AOTInductor' if own == 'aoti' else 'an ONNX'} export: it runs on "
-                                  f"{own}, not eager (--runtime {own} says so)")
+                self.notes.append(f"{loaded.name} is {kind} export: it runs on {own}, not eager (--runtime {own} says so)")
             runtime = own
-        self.runtime = runtime_class(runtime or "eager")(loaded, **(runtime_options or {}))
+        self.runtime = build_runtime(runtime or "eager", loaded, **(runtime_options or {}))
 
     @classmethod
     def load(cls, model: str, runtime: str | None = "eager", device: str = "cpu", dtype: str = "fp32",

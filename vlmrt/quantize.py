@@ -20,7 +20,9 @@ Formats (one LinearMethod each; the kernels are PyTorch's own CPU packed matmuls
 bf16 activations: x is cast to bf16 for the matmul and the result back to the model dtype):
 - fp16 / bf16: the weight stored in 16 bits, matmul in that dtype (half the bytes of fp32).
 - int8: symmetric per output channel, q = round(w / s) in [-127, 127], s = max|w| / 127;
-  `torch._weight_int8pack_mm`.
+  `torch._weight_int8pack_mm`. `int8-gN`: one scale per group of N input columns instead (as
+  llama.cpp's q8_0 at N = 32); the same kernel once per group (it takes one scale per channel),
+  the partial products summed in fp32.
 - int4: per group of `group_size` input columns, asymmetric (min/max, 16 levels) or symmetric
   (s = max|w| / 7, q in [-8, 7]); `torch._convert_weight_to_int4pack_for_cpu` +
   `torch._weight_int4pack_mm_for_cpu`, whose dequantization is (q - 8) * scale + zero.
@@ -41,6 +43,8 @@ FORMATS = ("fp", "fp16", "bf16", "int8", "int4")  # "fp": the model's own weight
 HEAD_FORMATS = ("int8", "int4")  # what an int4 model's lm_head may be
 INT4_HEAD = "int8"  # an int4 model's default lm_head format (see the module docstring)
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel accepts
+INT8_GROUP_SIZES = (32, 64, 128, 256)  # int8-gN (0: one scale per output channel, the default)
+DEFAULT_GROUP = {"int4": 32, "int8": 0}
 WEIGHTS_ATTR = "_vlmrt_weight_config"  # set on a model once its linears are swapped
 
 
@@ -50,7 +54,8 @@ class WeightConfig:
 
     Args:
         format: one of FORMATS.
-        group_size: int4 only: input columns sharing one scale (and zero); must divide every width.
+        group_size: int4 and int8: input columns sharing one scale (and zero); must divide every width.
+            0: the format's default (int4: 32; int8: one scale per output channel). Resolved at construction.
         symmetric: int4 only: scale only, no zero point (int8 is always symmetric per channel).
         lm_head: also quantize the output projection (tied or not).
         vision: also quantize the vision stage's linear layers (tower, bridge, projector).
@@ -59,7 +64,7 @@ class WeightConfig:
     """
 
     format: str = "fp"
-    group_size: int = 32
+    group_size: int = 0
     symmetric: bool = False
     lm_head: bool = True
     vision: bool = False
@@ -69,9 +74,12 @@ class WeightConfig:
         if self.format not in FORMATS:
             raise VlmrtError(f"unknown weight format {self.format!r}; choose one of {', '.join(FORMATS[1:])} "
                              "(or leave --quantize out for the model's own weights)")
-        if self.format == "int4" and self.group_size not in INT4_GROUP_SIZES:
-            raise VlmrtError(f"int4 block size {self.group_size} is not supported; choose one of "
-                             f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+        object.__setattr__(self, "group_size", self.group_size or DEFAULT_GROUP.get(self.format, 0))
+        sizes = {"int4": INT4_GROUP_SIZES, "int8": INT8_GROUP_SIZES}.get(self.format, ())
+        if self.group_size and self.group_size not in sizes:
+            raise VlmrtError(f"{self.format} block size {self.group_size} is not supported; choose one of "
+                             f"{', '.join(map(str, sizes))}" if sizes else
+                             f"{self.format} weights take no block size (int8 and int4 do)")
         default = INT4_HEAD if self.format == "int4" else self.format
         if self.head not in ("", default) and not (self.format == "int4" and self.head in HEAD_FORMATS):
             raise VlmrtError(f"lm_head format {self.head!r} with {self.format}: only int4 weights take a head format "
@@ -88,6 +96,8 @@ class WeightConfig:
         if self.is_fp:
             return "fp"
         tag = self.format
+        if self.format == "int8" and self.group_size:
+            tag += f"-g{self.group_size}"
         if self.format == "int4":
             tag += f"-g{self.group_size}-{'sym' if self.symmetric else 'asym'}"
             if self.lm_head:
@@ -138,21 +148,36 @@ class HalfLinear(LinearMethod):
 
 
 class Int8Linear(LinearMethod):
-    """int8 weights, one fp scale per output channel (symmetric)."""
+    """int8 weights (symmetric), one fp scale per output channel, or per group of `group_size` input
+    columns (`int8-gN`)."""
 
     name = "int8"
 
     def quantize(self, weight):
         w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # [N], as the kernel reads it
-        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # [N,K]
-        return {"qweight": q.contiguous(), "scales": scale}
+        gs = self.cfg.group_size or w.shape[1]
+        g = w.reshape(w.shape[0], -1, gs)  # [N,G,gs]
+        scale = (g.abs().amax(-1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # [N,G], as the kernel reads it
+        q = torch.round(g / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)  # [N,G,gs]
+        if not self.cfg.group_size:
+            return {"qweight": q.reshape(w.shape).contiguous(), "scales": scale[:, 0].contiguous()}
+        return {"qweight": q.transpose(0, 1).contiguous(), "scales": scale.T.contiguous()}  # [G,N,gs], [G,N]
 
     def dequantize(self, packed, shape):
-        return packed["qweight"].float() * packed["scales"].float()[:, None]
+        if not self.cfg.group_size:
+            return packed["qweight"].float() * packed["scales"].float()[:, None]
+        deq = packed["qweight"].float() * packed["scales"].float()[..., None]  # [G,N,gs]
+        return deq.transpose(0, 1).reshape(shape)
 
     def apply(self, packed, x):
-        return torch._weight_int8pack_mm(x.to(torch.bfloat16), packed["qweight"], packed["scales"]).to(x.dtype)
+        xb = x.to(torch.bfloat16)
+        if not self.cfg.group_size:
+            return torch._weight_int8pack_mm(xb, packed["qweight"], packed["scales"]).to(x.dtype)
+        q, s, gs = packed["qweight"], packed["scales"], self.cfg.group_size  # [G,N,gs], [G,N]
+        y = torch.zeros(x.shape[0], q.shape[1], dtype=torch.float32)  # [M,N]
+        for j in range(q.shape[0]):  # one scale per channel per call: a call per group
+            y += torch._weight_int8pack_mm(xb[:, j * gs:(j + 1) * gs].contiguous(), q[j], s[j])
+        return y.to(x.dtype)
 
 
 class Int4Linear(LinearMethod):
@@ -202,10 +227,13 @@ def linear_method(cfg: WeightConfig) -> LinearMethod:
 
 
 def head_config(cfg: WeightConfig) -> WeightConfig:
-    """The WeightConfig of the lm_head linear under `cfg` (its own format when `cfg.head` differs)."""
+    """The WeightConfig of the lm_head linear under `cfg` (its own format when `cfg.head` differs;
+    an int4 model's int8 head is per output channel)."""
     from dataclasses import replace
 
-    return cfg if cfg.head == cfg.format else replace(cfg, format=cfg.head, head="")
+    if cfg.head == cfg.format:
+        return cfg
+    return replace(cfg, format=cfg.head, head="", group_size=cfg.group_size if cfg.head == "int4" else 0)
 
 
 class QuantizedLinear(nn.Module):
@@ -276,13 +304,14 @@ def check_supported(cfg: WeightConfig, device: torch.device, runtime: str) -> No
 
 
 def check_widths(model: nn.Module, names: list[str], cfg: WeightConfig) -> None:
-    if cfg.format != "int4":
+    if cfg.format not in ("int4", "int8") or not cfg.group_size:
         return
+    sizes = INT4_GROUP_SIZES if cfg.format == "int4" else INT8_GROUP_SIZES
     for name in names:
         k = model.get_submodule(name).in_features
         if k % cfg.group_size:
-            fits = [g for g in INT4_GROUP_SIZES if all(model.get_submodule(n).in_features % g == 0 for n in names)]
-            raise VlmrtError(f"int4 block size {cfg.group_size} does not divide the width {k} of {name}; "
+            fits = [g for g in sizes if all(model.get_submodule(n).in_features % g == 0 for n in names)]
+            raise VlmrtError(f"{cfg.format} block size {cfg.group_size} does not divide the width {k} of {name}; "
                              f"choose one of {', '.join(map(str, fits)) or '(none fits this model)'}")
 
 
@@ -348,8 +377,9 @@ def decoder_weight_bytes(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- specs and runtimes
 def parse_weights(spec: str | None, vision: bool = False) -> WeightConfig:
     """A `--quantize` value -> WeightConfig: FORMAT[-gN][-sym|-asym][-head8|-head4|-nohead], e.g.
-    "int8", "int4" (block 32, asymmetric, lm_head int8), "int4-g128-sym", "int4-head4" (lm_head int4
-    too), "int8-nohead" (lm_head kept fp); None or "fp": none.
+    "int8" (per output channel), "int8-g32" (a scale per 32 input columns), "int4" (block 32,
+    asymmetric, lm_head int8), "int4-g128-sym", "int4-head4" (lm_head int4 too), "int8-nohead"
+    (lm_head kept fp); None or "fp": none.
 
     Args:
         spec: the value.
@@ -371,11 +401,12 @@ def parse_weights(spec: str | None, vision: bool = False) -> WeightConfig:
         elif part[:1] == "g" and part[1:].isdigit():
             fields["group_size"] = int(part[1:])
         else:
-            raise VlmrtError(f"cannot read {spec!r} as a weight format: {part!r} is not gN (int4 block size), sym, asym, "
-                             f"head8, head4 or nohead; e.g. int8, int4, int4-g64-sym")
-    if head != "int4" and ("group_size" in fields or "symmetric" in fields or "head" in fields):
-        raise VlmrtError(f"{spec!r}: a block size, symmetry or head format applies to int4 only "
-                         "(int8 is per channel, symmetric)")
+            raise VlmrtError(f"cannot read {spec!r} as a weight format: {part!r} is not gN (block size), sym, asym, "
+                             f"head8, head4 or nohead; e.g. int8, int8-g32, int4, int4-g64-sym")
+    if head != "int4" and ("symmetric" in fields or "head" in fields):
+        raise VlmrtError(f"{spec!r}: a symmetry or head format applies to int4 only (int8 is symmetric)")
+    if head not in ("int4", "int8") and "group_size" in fields:
+        raise VlmrtError(f"{spec!r}: a block size applies to int8 and int4 only")
     return WeightConfig(**fields)
 
 

@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from vlmrt.errors import VlmrtError
-from vlmrt.options import generation_args, kv_cache_args, in_range, model_args, positive_int, runtime_args, weight_args
+from vlmrt.options import (generation_args, kv_cache_args, in_range, model_args, parallel_args, positive_int, runtime_args,
+                           weight_args)
 
 PARITY_PROMPT = "Describe this image."  # vlmrt.eval.parity.DEFAULT_PROMPT (that module imports torch)
 PREFIX = "A photo depicts "  # vlmrt.eval.clipscore.PREFIX (that module imports numpy); tests check both
@@ -24,6 +25,7 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
     generation_args(p, sampling=False, tokens_help="caption length limit")
     kv_cache_args(p)
     weight_args(p)
+    parallel_args(p)
     p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, ...)")
     p.add_argument("--out", required=True, help="captions JSON file; rewritten after every batch, resumed if it exists")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
@@ -76,6 +78,8 @@ def cmd_caption(args) -> int:
     if resources is not None:
         if not weights.is_fp:
             raise VlmrtError("--quantize does not reach ray workers yet; caption without --ray, or without --quantize")
+        if args.tp > 1:
+            raise VlmrtError("--tp does not reach ray workers; caption without --ray, or with --tp 1")
         return _caption_on_ray(args, resources)
     pipe = Pipeline.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype, seed=args.seed,
                          weights=weights, kv_cache_gib=args.kv_cache_gib)

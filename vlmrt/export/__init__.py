@@ -27,7 +27,8 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         force: overwrite an earlier export in a non-empty `out`.
         seed: seed of the synthetic weights (presets only).
         progress: called with one line per step (None: silent).
-        format: "onnx" (graphs for ONNX Runtime) or "aoti" (AOTInductor .pt2 packages).
+        format: "onnx" (graphs for ONNX Runtime), "aoti" (AOTInductor .pt2 packages) or "paddle"
+            (Paddle Inference model files, vlmrt/export/paddle.py).
         static_shapes: onnx only: fixed shapes, one graph per bucket (vlmrt/export/static.py).
         batch: static batch buckets, "1,4" (default 1).
         seq: static sequence buckets, "128,512" (default 512); the largest is the KV-cache size.
@@ -44,12 +45,16 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         check_onnx_format(weights)
     if dtype not in EXPORT_DTYPES:
         raise VlmrtError(f"cannot export in {dtype!r}; use --dtype fp32 or fp16")
-    if format not in ("onnx", "aoti"):
-        raise VlmrtError(f"unknown export format {format!r}; use --format onnx or aoti")
+    if format not in ("onnx", "aoti", "paddle"):
+        raise VlmrtError(f"unknown export format {format!r}; use --format onnx, aoti or paddle")
+    if format == "paddle":
+        from vlmrt.runtimes.paddle import import_paddle
+
+        import_paddle()  # before loading the model: a missing extra is a one-line error
     if (batch or seq) and not static_shapes:
         raise VlmrtError("--batch and --seq set the buckets of a static export; add --static-shapes")
     if static_shapes and format != "onnx":
-        raise VlmrtError("--static-shapes is for --format onnx; AOTInductor packages keep batch and sequence dynamic")
+        raise VlmrtError(f"--static-shapes is for --format onnx; {format} exports keep batch and sequence dynamic")
     shapes = None
     if static_shapes:
         from vlmrt.export.static import StaticShapes, parse_buckets
@@ -60,8 +65,12 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
     prepare_out(out, force)  # fail before spending time on loading the model
     loaded = with_weights(load_model(model, device=device, dtype=dtype, seed=seed), weights)
     if getattr(loaded, "weights", None) is not None and (format != "onnx" or static_shapes):
-        raise VlmrtError("--quantize exports are dynamic ONNX graphs (ONNX Runtime's quantizers); drop --format aoti "
+        raise VlmrtError(f"--quantize exports are dynamic ONNX graphs (ONNX Runtime's quantizers); drop --format {format} "
                          "or --static-shapes, or drop --quantize")
+    if format == "paddle":
+        from vlmrt.export.paddle import export_paddle_model
+
+        return export_paddle_model(loaded, out, force=True, progress=progress)
     if format == "aoti":
         from vlmrt.export.aoti import export_aoti_model
 

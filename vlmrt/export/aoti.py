@@ -68,13 +68,11 @@ def _infos(names, tensors, axes: dict) -> tuple[TensorInfo, ...]:
     return tuple(out)
 
 
-def compile_graph(module, io: StageIO, out: Path, stem: str, stage: str, max_context: int, configs: dict,
-                  progress, images: bool = True) -> GraphInfo:
-    """torch.export one module at `io`'s examples, AOTInductor-compile it to `out`/<stem>.pt2, and
-    check the package against the module on the examples."""
+def export_program(module, io: StageIO, stage: str, max_context: int):
+    """torch.export `module` at `io`'s examples with the named dynamic dimensions -> (program,
+    the module's outputs on the examples)."""
     dims = {d: _dim(d, max_context) for d in DYNAMIC_DIMS}
     args = tuple(io.inputs.values())
-    t0 = time.perf_counter()
     with torch.no_grad():
         expected = module(*args)
         with warnings.catch_warnings():
@@ -84,6 +82,19 @@ def compile_graph(module, io: StageIO, out: Path, stem: str, stage: str, max_con
             except Exception as e:  # torch.export raises many types; name the stage
                 raise VlmrtError(f"torch.export failed for the {stage} stage ({e.__class__.__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return ep, expected
+
+
+def compile_graph(module, io: StageIO, out: Path, stem: str, stage: str, max_context: int, configs: dict,
+                  progress, images: bool = True) -> GraphInfo:
+    """torch.export one module at `io`'s examples, AOTInductor-compile it to `out`/<stem>.pt2, and
+    check the package against the module on the examples."""
+    args = tuple(io.inputs.values())
+    t0 = time.perf_counter()
+    ep, expected = export_program(module, io, stage, max_context)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             t1 = time.perf_counter()
             path = out / f"{stem}.pt2"
             path.unlink(missing_ok=True)
@@ -112,8 +123,9 @@ def _decoder_io(loaded, embedded: dict, known: dict) -> StageIO:
     return StageIO(inputs, axes)
 
 
-def export_graphs(loaded, out: Path, configs: dict, progress) -> list[GraphInfo]:
-    """The three packages of the module docstring."""
+def export_graphs(loaded, out: Path, configs: dict, progress, compile=compile_graph) -> list[GraphInfo]:
+    """The three packages of the module docstring (`compile`: what makes each stage's artefact from
+    its module and example inputs; the Paddle export passes its own)."""
     model, ctx, graphs = loaded.model, loaded.model.max_context, []
     vio = _hooked(model, "vision", default_io("vision", loaded, {}))
     vio = at_sizes(vio, dict(vio.static_sizes))
@@ -121,7 +133,7 @@ def export_graphs(loaded, out: Path, configs: dict, progress) -> list[GraphInfo]
     with torch.no_grad():
         outputs = vision(*vio.inputs.values())
     feats = dict(zip(vision.output_names, outputs))
-    graphs.append(compile_graph(vision, vio, out, "vision", "vision", ctx, configs, progress))
+    graphs.append(compile(vision, vio, out, "vision", "vision", ctx, configs, progress))
     known = {k: axes_for(k, vio.dynamic_axes) for k in feats}
     eio = _hooked(model, "embedding", default_io("embedding", loaded, feats))
     eio.dynamic_axes = {**known, **eio.dynamic_axes}
@@ -130,10 +142,10 @@ def export_graphs(loaded, out: Path, configs: dict, progress) -> list[GraphInfo]
         outputs = emb(*eio.inputs.values())  # sets emb.output_names
     embedded = dict(zip(emb.output_names, outputs))
     known.update(eio.dynamic_axes)
-    graphs.append(compile_graph(emb, eio, out, "embedding", "embedding", ctx, configs, progress))
+    graphs.append(compile(emb, eio, out, "embedding", "embedding", ctx, configs, progress))
     dio = _decoder_io(loaded, embedded, known)
     decoder = StaticCacheDecoder(model, list(dio.inputs))
-    graphs.append(compile_graph(decoder, dio, out, "decoder", "decoder", ctx, configs, progress))
+    graphs.append(compile(decoder, dio, out, "decoder", "decoder", ctx, configs, progress))
     return graphs
 
 

@@ -3,7 +3,7 @@ quantization tools, so ONNX Runtime's CPU kernels (MLAS) run them.
 
 ```
  <out>/decoder.onnx (+ .data), fp32
-   int8 ─► MatMulNBitsQuantizer(bits 8, block INT8_BLOCK, symmetric, accuracy_level)     (INT8_TOOL "nbits")
+   int8 ─► MatMulNBitsQuantizer(bits 8, block INT8_BLOCK or int8-gN's N, symmetric)      (INT8_TOOL "nbits")
            or quantize_dynamic(weight QInt8, per channel, MatMul with constant weights)   (INT8_TOOL "dynamic")
            MatMul ─► DynamicQuantizeLinear (activations, per call) + MatMulInteger: W8A8
    int4 ─► MatMulNBitsQuantizer(bits 4, block_size, is_symmetric, accuracy_level)
@@ -75,7 +75,8 @@ def quantize_graph(path: Path, cfg, accuracy_level: int | None = None, int8_tool
                          extra_options={"MatMulConstBOnly": True})
     else:
         level = ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-        bits, block, sym = (8, INT8_BLOCK, True) if cfg.format == "int8" else (4, cfg.group_size, cfg.symmetric)
+        bits, block, sym = ((8, cfg.group_size or INT8_BLOCK, True) if cfg.format == "int8"
+                            else (4, cfg.group_size, cfg.symmetric))
         proto = _nbits(onnx.load(str(path)), bits, block, sym, level, exclude=exclude)
         if own_head and heads:
             proto = _nbits(proto, 8, INT8_BLOCK, True, level, include=heads)

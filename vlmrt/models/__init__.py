@@ -62,7 +62,8 @@ def all_presets() -> dict[str, tuple[str, object]]:
     return {name: (fam, cfg) for fam in FAMILIES for name, cfg in family_class(fam).presets.items()}
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0) -> LoadedModel:
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0,
+               tokenizer: bool = True) -> LoadedModel:
     """Build a preset with synthetic weights, or load a release folder from local files.
 
     Args:
@@ -71,6 +72,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
         device: "cpu" or "cuda".
         dtype: "fp32", "fp16" or "bf16".
         seed: seed of the synthetic weights (presets only).
+        tokenizer: False: a preset comes without its tokenizer (None; a tensor-parallel follower needs none).
     """
     from vlmrt.weights import build_on, init_synthetic
 
@@ -88,7 +90,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
         cls = family_class(family)
         model = build_on(dev, tdtype, lambda: cls(cfg))
         init_synthetic(model, seed)
-        return LoadedModel(model.eval(), cls.synthetic_tokenizer(cfg), model.processor_spec, name_or_path,
+        return LoadedModel(model.eval(), cls.synthetic_tokenizer(cfg) if tokenizer else None, model.processor_spec, name_or_path,
                            family, True, cfg, dev, tdtype, seed=seed)
     path = Path(name_or_path)
     if not path.exists():

@@ -265,7 +265,8 @@ def patch_rows(pixels: torch.Tensor, patch: int, merge: int, temporal: int) -> t
     gh, gw = h // patch, w // patch
     x = pixels.reshape(b, c, gh // merge, merge, patch, gw // merge, merge, patch)
     x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # [B,gh/m,gw/m,m,m,C,p,p]
-    x = x[..., None, :, :].expand(*x.shape[:6], temporal, patch, patch)  # [B,gh/m,gw/m,m,m,C,T,p,p]
+    x = x.reshape(b * gh * gw, c, 1, patch, patch).expand(-1, -1, temporal, -1, -1)  # [B*gh*gw,C,T,p,p]: at most
+    # 8 dims in any tensor (Paddle's limit, for the lowered programs of vlmrt/runtimes/paddle_lower.py)
     return x.reshape(b * gh * gw, c * temporal * patch * patch)
 
 

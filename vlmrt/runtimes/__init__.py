@@ -3,7 +3,8 @@
 A runtime offers `encode_images`, `embed`, `start(batch, max_seq)`, `decode(...)` and
 `synchronize()` (see `generate.StageRunner`), for the lock-step loop; a runtime that executes engine
 steps (vlmrt/engine.py) adds `allocate_slots(num_slots, max_seq)` and `run_step(StepInputs)`, and a
-compiled one `warmup()`. Runtimes are looked up in a table and imported lazily,
+compiled one `warmup()`. `build_runtime` makes one; in a tensor-parallel process (vlmrt/tp) the
+eager runtime it makes is rank 0's LeaderRuntime. Runtimes are looked up in a table and imported lazily,
 so the library imports without optional packages (onnxruntime) or a GPU.
 """
 
@@ -19,6 +20,7 @@ RUNTIMES = {  # name -> "module:Class", alphabetical
     "eager": "vlmrt.runtimes.eager:EagerRuntime",
     "jax": "vlmrt.runtimes.jax:JaxRuntime",
     "onnx": "vlmrt.runtimes.onnx:OnnxRuntime",
+    "paddle": "vlmrt.runtimes.paddle:PaddleRuntime",
 }
 
 
@@ -27,3 +29,18 @@ def runtime_class(name: str):
         raise VlmrtError(f"unknown runtime {name!r}; available: {', '.join(RUNTIMES)}")
     module, cls = RUNTIMES[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def build_runtime(name: str, loaded, **options):
+    """The runtime `name` over `loaded`: in a tensor-parallel group (`vlmrt.tp.active()`, more than
+    one rank), rank 0's sharded eager runtime, whose decoder calls the other ranks replay."""
+    from vlmrt.tp.group import active
+
+    group = active()
+    if group is None or group.world == 1:
+        return runtime_class(name)(loaded, **options)
+    if name != "eager" or options:
+        raise VlmrtError(f"--tp {group.world} runs on --runtime eager only, not {name}; use --runtime eager or --tp 1")
+    from vlmrt.tp.runtime import LeaderRuntime
+
+    return LeaderRuntime(loaded, group)

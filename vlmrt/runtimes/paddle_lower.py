@@ -1,0 +1,406 @@
+"""PyTorch stages as Paddle programs: a `torch.export` program, decomposed to core ATen, is written
+out as Python source that calls Paddle, one line per graph node; `paddle.jit.to_static` then turns
+that source into a static graph. The one place that knows how an ATen op reads in Paddle.
+
+```
+ stage module ─► torch.export (dynamic batch/sequence/cache dims) ─► run_decompositions() (core ATen)
+   ─► per node: OPS[aten overload](args) ─► one line of Paddle      weights ─► persistable buffers
+   ─► <stage>.py (class Graph(paddle.nn.Layer), forward(self, *inputs)) ─► paddle.jit.to_static(
+      input_spec: the dynamic dims as None) ─► a static program: live calls, or paddle.jit.save
+```
+
+- Symbolic sizes (`sym_size.int`) become `paddle.shape(x)[d]`, 0-D tensors inside the program, so
+  one program serves every batch, prompt length and cache length.
+- ATen promotes dtypes implicitly and Paddle does not: every elementwise op casts its tensor
+  operands to the dtype torch computed in (read from the node's example value), so the Paddle
+  program computes in the dtypes the PyTorch one did.
+- The weights are the Layer's persistable buffers (in `.pdiparams` once saved), never constants
+  folded into the program.
+- An op missing from `OPS` is a VlmrtError naming it (and the stage), at lowering time.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+
+from vlmrt.errors import VlmrtError
+
+SKIPPED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default",
+           "aten.sym_constrain_range.default", "aten._assert_async.msg"}  # checks only: no value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float32 -> "float32" (the dtype strings Paddle takes)."""
+    return str(dtype).replace("torch.", "")
+
+
+def _meta(x):
+    return x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+
+
+def _is_tensor(x) -> bool:
+    return isinstance(_meta(x), torch.Tensor)
+
+
+class Writer:
+    """Renders node arguments as Paddle source (Nodes by name, scalars and lists as literals)."""
+
+    def value(self, x) -> str:
+        if isinstance(x, torch.fx.Node):
+            return x.name
+        if isinstance(x, (list, tuple)):
+            return "[" + ", ".join(self.value(v) for v in x) + "]"
+        if isinstance(x, bool) or x is None:
+            return repr(x)
+        if isinstance(x, float):
+            return repr(x) if math.isfinite(x) else f"float('{x}')"
+        if isinstance(x, int):
+            return repr(x)
+        if isinstance(x, torch.dtype):
+            return repr(dtype_name(x))
+        raise VlmrtError(f"cannot write {type(x).__name__} {x!r} as a Paddle argument")
+
+    def cast(self, x, dtype: torch.dtype) -> str:
+        """x cast to `dtype` when it is a tensor of another dtype (scalars stay Python numbers)."""
+        m = _meta(x)
+        if isinstance(m, torch.Tensor) and m.dtype != dtype:
+            return f"paddle.cast({x.name}, {dtype_name(dtype)!r})"
+        if isinstance(m, (torch.SymInt, torch.SymFloat)):  # a size: a 0-D int64 tensor in the program
+            return f"paddle.cast({x.name}, {dtype_name(dtype)!r})"
+        if isinstance(x, bool) and dtype.is_floating_point:
+            return repr(float(x))
+        return self.value(x)
+
+
+def _compute_dtype(args) -> torch.dtype:
+    """The dtype torch computes an elementwise op in, from its operands (tensors by their example value)."""
+    probes = []
+    for a in args:
+        m = _meta(a)
+        if isinstance(m, torch.Tensor):
+            probes.append(torch.empty((0,) * min(m.dim(), 1), dtype=m.dtype))
+        elif isinstance(a, (bool, int, float)):
+            probes.append(a)
+        elif isinstance(m, (torch.SymInt, torch.SymFloat)):
+            probes.append(1 if isinstance(m, torch.SymInt) else 1.0)
+    if not any(isinstance(p, torch.Tensor) for p in probes):
+        return torch.float32
+    out = probes[0] if isinstance(probes[0], torch.Tensor) else torch.tensor(probes[0])
+    dtype = out.dtype
+    for p in probes[1:]:
+        dtype = torch.result_type(torch.empty(out.shape, dtype=dtype), p)
+        out = torch.empty(out.shape if not isinstance(p, torch.Tensor) or p.dim() <= out.dim() else p.shape, dtype=dtype)
+    return dtype
+
+
+def _binary(fmt: str, compare: bool = False):
+    """An elementwise op of two operands: `fmt` with {a}, {b}, operands cast to the compute dtype."""
+    def emit(w: Writer, node, a, b, alpha=1, **_):
+        dtype = _compute_dtype([a, b]) if compare else node.meta["val"].dtype
+        left, right = w.cast(a, dtype), w.cast(b, dtype)
+        if alpha != 1:
+            right = f"({right} * {w.value(alpha)})"
+        if not _is_tensor(a) and not _is_tensor(b):
+            return fmt.format(a=left, b=right)
+        if not _is_tensor(a):  # scalar first: Paddle's operators want the tensor on the left or a full tensor
+            left = f"paddle.full([], {left}, {dtype_name(dtype)!r})"
+        return fmt.format(a=left, b=right)
+    return emit
+
+
+def _unary(fn: str):
+    """A one-operand op, its operand cast to the output dtype (rsqrt of an integer tensor is a float)."""
+    def emit(w: Writer, node, x, **_):
+        return f"{fn}({w.cast(x, node.meta['val'].dtype)})"
+    return emit
+
+
+def _call(fmt: str):
+    """`fmt` formatted with the rendered positional args {0}, {1}, ... and the output dtype {dtype}."""
+    def emit(w: Writer, node, *args, **_):
+        out = node.meta.get("val")
+        dtype = repr(dtype_name(out.dtype)) if isinstance(out, torch.Tensor) else "None"
+        return fmt.format(*[w.value(a) for a in args], dtype=dtype)
+    return emit
+
+
+def _where(w: Writer, node, cond, a, b, **_):
+    dtype = node.meta["val"].dtype
+    full = lambda v: w.cast(v, dtype) if _is_tensor(v) else f"paddle.full([], {w.cast(v, dtype)}, {dtype_name(dtype)!r})"
+    return f"paddle.where({w.value(cond)}, {full(a)}, {full(b)})"
+
+
+def _to_copy(w: Writer, node, x, dtype=None, **_):
+    return f"paddle.cast({w.value(x)}, {dtype_name(node.meta['val'].dtype)!r})"
+
+
+def _arange(w: Writer, node, *args, **_):
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (tuple(args) + (1,))[:3]
+    return f"paddle.arange({w.value(start)}, {w.value(end)}, {w.value(step)}, dtype={dtype_name(node.meta['val'].dtype)!r})"
+
+
+def _full(w: Writer, node, size, value, **_):
+    return f"paddle.full({w.value(size)}, {w.value(value)}, {dtype_name(node.meta['val'].dtype)!r})"
+
+
+def _full_like(w: Writer, node, x, value, **_):
+    return f"paddle.full_like({w.value(x)}, {w.value(value)}, {dtype_name(node.meta['val'].dtype)!r})"
+
+
+def _reduce(fn: str):
+    def emit(w: Writer, node, x, dim=None, keepdim=False, **_):
+        dtype = node.meta["val"].dtype
+        axis = "None" if dim is None else w.value(dim)
+        return f"{fn}({w.cast(x, dtype)}, axis={axis}, keepdim={keepdim!r})"
+    return emit
+
+
+def _any(w: Writer, node, x, dim=None, keepdim=False, **_):
+    axis = "None" if dim is None else w.value(dim)
+    return f"paddle.any(paddle.cast({w.value(x)}, 'bool'), axis={axis}, keepdim={keepdim!r})"
+
+
+def _addmm(w: Writer, node, bias, a, b, beta=1, alpha=1, **_):
+    mm = f"paddle.matmul({w.value(a)}, {w.value(b)})"
+    mm = mm if alpha == 1 else f"({mm} * {w.value(alpha)})"
+    return f"({mm} + {w.value(bias)})" if beta == 1 else f"({mm} + {w.value(bias)} * {w.value(beta)})"
+
+
+def _cumsum(w: Writer, node, x, dim, dtype=None, **_):
+    return f"paddle.cumsum({w.cast(x, node.meta['val'].dtype)}, axis={w.value(dim)})"
+
+
+def _softmax(w: Writer, node, x, dim, half_to_float=False, **_):
+    return f"F.softmax({w.value(x)}, axis={w.value(dim)})"
+
+
+def _gelu(w: Writer, node, x, approximate="none", **_):
+    return f"F.gelu({w.value(x)}, approximate={approximate == 'tanh'!r})"
+
+
+def _pow(w: Writer, node, a, b, **_):
+    dtype = node.meta["val"].dtype
+    if not _is_tensor(a):
+        return f"paddle.pow(paddle.full([], {w.cast(a, dtype)}, {dtype_name(dtype)!r}), {w.cast(b, dtype)})"
+    return f"paddle.pow({w.cast(a, dtype)}, {w.cast(b, dtype)})"
+
+
+def _div_mode(w: Writer, node, a, b, rounding_mode=None, **_):
+    return f"ops.div_mode({w.value(a)}, {w.value(b)}, {dtype_name(node.meta['val'].dtype)!r}, {rounding_mode!r})"
+
+
+OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a Paddle expression
+    "aten._softmax.default": _softmax,
+    "aten._to_copy.default": _to_copy,
+    "aten.abs.default": _unary("paddle.abs"),
+    "aten.add.Scalar": _binary("({a} + {b})"),
+    "aten.add.Tensor": _binary("({a} + {b})"),
+    "aten.addmm.default": _addmm,
+    "aten.alias.default": _call("{0}"),
+    "aten.amax.default": _reduce("paddle.amax"),
+    "aten.any.dim": _any,
+    "aten.any.dims": _any,
+    "aten.arange.default": _arange,
+    "aten.arange.start": _arange,
+    "aten.arange.start_step": _arange,
+    "aten.bitwise_and.Tensor": _binary("paddle.bitwise_and({a}, {b})", compare=True),
+    "aten.bitwise_not.default": _call("paddle.bitwise_not({0})"),
+    "aten.bitwise_or.Tensor": _binary("paddle.bitwise_or({a}, {b})", compare=True),
+    "aten.bmm.default": _call("paddle.matmul({0}, {1})"),
+    "aten.cat.default": _call("paddle.concat({0}, axis={1})"),
+    "aten.ceil.default": _unary("paddle.ceil"),
+    "aten.clamp.default": _call("paddle.clip({0}, {1}, {2})"),
+    "aten.clone.default": _call("{0}"),
+    "aten.convolution.default": _call("ops.convolution({0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8})"),
+    "aten.copy.default": _call("paddle.cast({1}, {dtype})"),
+    "aten.cos.default": _unary("paddle.cos"),
+    "aten.cumsum.default": _cumsum,
+    "aten.div.Tensor": _binary("({a} / {b})"),
+    "aten.div.Tensor_mode": _div_mode,
+    "aten.embedding.default": _call("F.embedding({1}, {0})"),
+    "aten.eq.Scalar": _binary("({a} == {b})", compare=True),
+    "aten.eq.Tensor": _binary("({a} == {b})", compare=True),
+    "aten.erf.default": _unary("paddle.erf"),
+    "aten.exp.default": _unary("paddle.exp"),
+    "aten.expand.default": _call("paddle.expand({0}, {1})"),
+    "aten.floor.default": _unary("paddle.floor"),
+    "aten.full.default": _full,
+    "aten.full_like.default": _full_like,
+    "aten.gather.default": _call("paddle.take_along_axis({0}, {2}, axis={1}, broadcast=False)"),
+    "aten.ge.Scalar": _binary("({a} >= {b})", compare=True),
+    "aten.ge.Tensor": _binary("({a} >= {b})", compare=True),
+    "aten.gelu.default": _gelu,
+    "aten.gt.Scalar": _binary("({a} > {b})", compare=True),
+    "aten.gt.Tensor": _binary("({a} > {b})", compare=True),
+    "aten.index.Tensor": _call("ops.index({0}, {1})"),
+    "aten.le.Scalar": _binary("({a} <= {b})", compare=True),
+    "aten.le.Tensor": _binary("({a} <= {b})", compare=True),
+    "aten.log.default": _unary("paddle.log"),
+    "aten.logical_and.default": _call("paddle.logical_and({0}, {1})"),
+    "aten.logical_not.default": _call("paddle.logical_not({0})"),
+    "aten.logical_or.default": _call("paddle.logical_or({0}, {1})"),
+    "aten.lt.Scalar": _binary("({a} < {b})", compare=True),
+    "aten.lt.Tensor": _binary("({a} < {b})", compare=True),
+    "aten.max.dim": _call("ops.max_dim({0}, {1}, {2})"),
+    "aten.maximum.default": _binary("paddle.maximum({a}, {b})"),
+    "aten.mean.dim": _reduce("paddle.mean"),
+    "aten.minimum.default": _binary("paddle.minimum({a}, {b})"),
+    "aten.mm.default": _call("paddle.matmul({0}, {1})"),
+    "aten.mul.Scalar": _binary("({a} * {b})"),
+    "aten.mul.Tensor": _binary("({a} * {b})"),
+    "aten.native_layer_norm.default": _call("ops.layer_norm({0}, {1}, {2}, {3}, {4})"),
+    "aten.ne.Scalar": _binary("({a} != {b})", compare=True),
+    "aten.ne.Tensor": _binary("({a} != {b})", compare=True),
+    "aten.neg.default": _call("(-{0})"),
+    "aten.permute.default": _call("paddle.transpose({0}, {1})"),
+    "aten.pow.Scalar": _pow,
+    "aten.pow.Tensor_Scalar": _pow,
+    "aten.pow.Tensor_Tensor": _pow,
+    "aten.prod.dim_int": _reduce("paddle.prod"),
+    "aten.reciprocal.default": _unary("paddle.reciprocal"),
+    "aten.remainder.Scalar": _binary("({a} % {b})"),
+    "aten.remainder.Tensor": _binary("({a} % {b})"),
+    "aten.repeat.default": _call("paddle.tile({0}, {1})"),
+    "aten.rsqrt.default": _unary("paddle.rsqrt"),
+    "aten.rsub.Scalar": _binary("({b} - {a})"),
+    "aten.scalar_tensor.default": _call("paddle.full([], {0}, {dtype})"),
+    "aten.scatter.src": _call("paddle.put_along_axis({0}, {2}, {3}, axis={1}, reduce='assign', broadcast=False)"),
+    "aten.select.int": _call("ops.select({0}, {1}, {2})"),
+    "aten.sigmoid.default": _unary("F.sigmoid"),
+    "aten.silu.default": _unary("F.silu"),
+    "aten.sin.default": _unary("paddle.sin"),
+    "aten.slice.Tensor": _call("ops.slice({0}, {1}, {2}, {3}, {4})"),
+    "aten.split_with_sizes.default": _call("paddle.split({0}, {1}, axis={2})"),
+    "aten.sqrt.default": _unary("paddle.sqrt"),
+    "aten.squeeze.dims": _call("paddle.squeeze({0}, axis={1})"),
+    "aten.sub.Tensor": _binary("({a} - {b})"),
+    "aten.sum.dim_IntList": _reduce("paddle.sum"),
+    "aten.tanh.default": _unary("paddle.tanh"),
+    "aten.unsqueeze.default": _call("paddle.unsqueeze({0}, {1})"),
+    "aten.view.default": _call("paddle.reshape({0}, {1})"),
+    "aten._unsafe_view.default": _call("paddle.reshape({0}, {1})"),
+    "aten.where.self": _where,
+    "aten.sym_size.int": _call("paddle.shape({0})[{1}]"),
+}
+SYM_OPS = {operator.mul: "*", operator.add: "+", operator.sub: "-", operator.floordiv: "//"}  # on sizes
+
+
+def _defaults(node) -> tuple[list, dict]:
+    """A node's args with the schema's defaults filled in for the missing trailing ones."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        for i, a in enumerate(schema.arguments):
+            if a.kwarg_only or i < len(args) or a.name in kwargs:
+                continue
+            if not a.has_default_value():
+                break
+            args.append(a.default_value)
+    return args, kwargs
+
+
+def node_line(w: Writer, node, stage: str) -> str | None:
+    """One node as `name = <paddle expression>` (None: a check with no value)."""
+    target = node.target
+    if target is operator.getitem:
+        return f"{node.name} = {node.args[0].name}[{node.args[1]}]"
+    if target in SYM_OPS:
+        a, b = node.args
+        return f"{node.name} = {w.value(a)} {SYM_OPS[target]} {w.value(b)}"
+    key = str(target)
+    if key in SKIPPED:
+        return None
+    if key not in OPS:
+        raise VlmrtError(f"the {stage} stage uses {key}, which the Paddle lowering does not know yet "
+                         "(vlmrt/runtimes/paddle_lower.py OPS); run it on another runtime")
+    args, kwargs = _defaults(node)
+    return f"{node.name} = {OPS[key](w, node, *args, **kwargs)}"
+
+
+@dataclass(frozen=True)
+class LoweredStage:
+    """A stage as Paddle source plus what the Layer needs around it."""
+
+    source: str  # a module defining `class Graph(paddle.nn.Layer)`
+    weights: dict  # buffer name -> torch tensor (the program's parameters, buffers and lifted constants)
+    input_specs: list  # (name, dtype, shape with None for dynamic dims), in forward order
+    output_names: list
+
+
+HEADER = '''"""{stage} stage of {model}, lowered from its torch.export program (core ATen) by vlmrt; generated."""
+
+import paddle
+import paddle.nn.functional as F
+
+from vlmrt.runtimes import paddle_ops as ops
+
+
+class Graph(paddle.nn.Layer):
+    def forward(self, {args}):
+'''
+
+
+def lower_program(ep, input_names: list[str], output_names: list[str], stage: str, model: str) -> LoweredStage:
+    """A decomposed torch.export program -> Paddle source (see the module docstring).
+
+    Args:
+        ep: the ExportedProgram, after `run_decompositions()`.
+        input_names: the stage's input names, in the program's user-input order.
+        output_names: its output names, in order.
+        stage: the stage, for messages and the header.
+        model: the model name, for the header.
+    """
+    sig, w = ep.graph_signature, Writer()
+    state = {**ep.state_dict, **getattr(ep, "constants", {})}
+    weights, user, lines = {}, [], []
+    for spec, node in zip(sig.input_specs, (n for n in ep.graph.nodes if n.op == "placeholder")):
+        if spec.kind.name == "USER_INPUT":
+            user.append(node)
+        elif node.users:
+            weights[node.name] = state[spec.target]
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in weights:
+            lines.append(f"{node.name} = self.{node.name}")
+        elif node.op == "call_function":
+            line = node_line(w, node, stage)
+            if line:
+                lines.append(line)
+        elif node.op == "output":
+            lines.append(f"return ({', '.join(w.value(v) for v in node.args[0])},)")
+    specs = []
+    for name, node in zip(input_names, user):
+        val = node.meta["val"]
+        specs.append((name, dtype_name(val.dtype), [int(d) if isinstance(d, int) else None for d in val.shape]))
+    header = HEADER.format(stage=stage, model=model, args=", ".join(n.name for n in user))
+    source = header + "".join(f"        {line}\n" for line in lines)
+    return LoweredStage(source, weights, specs, list(output_names))
+
+
+# ----------------------------------------------------------------------------- Paddle programs
+def build_layer(lowered: LoweredStage, folder, stem: str):
+    """The lowered stage as a static Paddle program: its source written to `folder`/<stem>.py and
+    imported, the weights as persistable buffers, `paddle.jit.to_static` over input specs whose
+    dynamic dims are None (one program for every shape), built now."""
+    import importlib.util
+    from pathlib import Path
+
+    from vlmrt.runtimes.paddle import import_paddle, to_paddle
+
+    paddle = import_paddle()
+    path = Path(folder) / f"{stem}.py"
+    path.write_text(lowered.source)
+    spec = importlib.util.spec_from_file_location(f"vlmrt_paddle_{stem}_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    layer = module.Graph()
+    for name, t in lowered.weights.items():
+        layer.register_buffer(name, to_paddle(t), persistable=True)
+    layer.eval()
+    specs = [paddle.static.InputSpec(shape, dtype, name) for name, dtype, shape in lowered.input_specs]
+    static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
+    static.forward.concrete_program  # noqa: B018 (traces the source into the program now)
+    return static

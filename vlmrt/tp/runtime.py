@@ -1,0 +1,161 @@
+"""The tensor-parallel eager runtime: rank 0 schedules, the other ranks replay its decoder calls.
+
+```
+ rank 0: Engine / generate() / bench ─► LeaderRuntime ──┬─► its own EagerRuntime (shard 0) ─► logits
+            vision, embedding, sampling: rank 0 only     │        all_reduce in o_proj, down_proj
+                                                         └─► Channel: ("load", id, spec)
+                                                                      ("call", id, method, args)
+                                                                      ("move", id, src, dst, used)
+ rank r: follow(): replays each message on its own EagerRuntime (shard r); its logits are dropped
+```
+
+Rank 0 sends the inputs of every decoder call (StepInputs of an engine step, or the lock-step
+loop's decode arguments), not the requests: followers then need no scheduler, no processor, no
+sampler and no vision, and nothing can drift between ranks (a request, its image, its sampling seed
+and the time it arrives live on rank 0 only). Every call a follower must replay touches its KV
+cache or runs the collectives: `start`, `decode`, `allocate_slots`, `run_step`, `reorder` and the
+engine's slot moves; `encode_images` and `embed` run on rank 0 alone, on replicated weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import fields, is_dataclass, replace
+
+import torch
+
+from vlmrt.errors import VlmrtError
+from vlmrt.tp.group import TPGroup
+from vlmrt.tp.shard import check_shardable, shard_model
+
+REPLAYED = ("start", "decode", "allocate_slots", "run_step", "reorder")  # methods followers run too
+_IDS = itertools.count()
+
+
+def load_spec(loaded) -> dict:
+    """What a follower needs to load the same model: load_model's arguments and the weight format."""
+    from vlmrt.config import DTYPES
+
+    if loaded.model is None:
+        raise VlmrtError(f"{loaded.name} is an export: --tp runs a preset or a release folder on --runtime eager")
+    dtype = next(k for k, v in DTYPES.items() if v == loaded.dtype)
+    return {"name": loaded.name, "dtype": dtype, "seed": loaded.seed or 0, "weights": loaded.weights}
+
+
+def sharded_runtime(loaded, group: TPGroup):
+    """An EagerRuntime on this rank's shard of `loaded` (its weight format applied first)."""
+    from vlmrt.runtimes.eager import EagerRuntime
+
+    rt = EagerRuntime(loaded)
+    if getattr(rt.model, "tp_shard", None) != (group.rank, group.world):  # two runtimes may share one model
+        shard_model(rt.model, group.rank, group.world)
+    return rt
+
+
+def portable(obj, device: torch.device | None = None):
+    """`obj` with every tensor moved to `device` (None: the CPU, for the channel), through tuples,
+    lists, dicts and dataclasses (StepInputs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to("cpu" if device is None else device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(portable(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: portable(v, device) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: portable(getattr(obj, f.name), device) for f in fields(obj)})
+    return obj
+
+
+class LeaderRuntime:
+    """Rank 0's runtime: an EagerRuntime on shard 0 whose decoder calls every follower replays.
+
+    Args:
+        loaded: the LoadedModel (full weights; sharded here).
+        group: the active group (rank 0).
+    """
+
+    name = "eager"
+
+    def __init__(self, loaded, group: TPGroup):
+        self.id, self.group = next(_IDS), group
+        spec = load_spec(loaded)
+        check_shardable(loaded.model, loaded.weights, group.world)  # refused here, before any follower loads
+        group.channel.send(("load", self.id, spec))  # followers load while rank 0 does
+        self.inner = sharded_runtime(loaded, group)
+
+    def __getattr__(self, name):  # model, device, dtype, kv, synchronize, encode_images, embed, ...
+        return getattr(self.inner, name)
+
+    def _replay(self, method: str, *args, **kwargs):
+        self.group.channel.send(("call", self.id, method, portable(args), portable(kwargs)))
+        return getattr(self.inner, method)(*args, **kwargs)
+
+    def start(self, batch_size: int, max_seq_len: int) -> None:
+        self._replay("start", batch_size, max_seq_len)
+
+    def decode(self, *args, **kwargs):
+        return self._replay("decode", *args, **kwargs)
+
+    def run_step(self, step):
+        return self._replay("run_step", step)
+
+    def reorder(self, rows):
+        return self._replay("reorder", rows)
+
+    def allocate_slots(self, num_slots: int, max_seq: int):
+        pool = self._replay("allocate_slots", num_slots, max_seq)
+        return MirroredPool(pool, self)
+
+
+class MirroredPool:
+    """Rank 0's SlotKVCache: a slot move (the engine's compaction) is replayed on every rank."""
+
+    def __init__(self, pool, leader: LeaderRuntime):
+        self.pool, self.leader = pool, leader
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+    def move(self, src: int, dst: int, used: int) -> None:
+        self.leader.group.channel.send(("move", self.leader.id, src, dst, used))
+        self.pool.move(src, dst, used)
+
+
+def stop_followers(group: TPGroup) -> None:
+    """Rank 0: tell the followers the command is over (they leave `follow`)."""
+    group.channel.send(("stop",))
+
+
+@torch.inference_mode()
+def follow(group: TPGroup) -> None:
+    """A follower's whole life: load what rank 0 loads, replay its decoder calls, until "stop"."""
+    models, runtimes = {}, {}
+    while True:
+        message = group.channel.receive()
+        kind = message[0]
+        if kind == "stop":
+            return
+        if kind == "load":
+            _, rid, spec = message
+            runtimes[rid] = sharded_runtime(_model_for(spec, models, group), group)
+        elif kind == "call":
+            _, rid, method, args, kwargs = message
+            if method not in REPLAYED:
+                raise VlmrtError(f"tensor parallel: rank 0 asked for {method!r}, which followers do not run")
+            getattr(runtimes[rid], method)(*portable(args, group.device), **portable(kwargs, group.device))
+        elif kind == "move":
+            _, rid, src, dst, used = message
+            runtimes[rid].pool.move(src, dst, used)
+
+
+def _model_for(spec: dict, models: dict, group: TPGroup):
+    """A follower's LoadedModel for `spec`, loaded once per spec (without a tokenizer: followers
+    never tokenize). Rank 0 may put one model on several runtimes; they share one shard here too."""
+    from vlmrt.models import load_model
+    from vlmrt.quantize import with_weights
+
+    key = repr(sorted(spec.items()))
+    if key not in models:
+        loaded = load_model(spec["name"], device=str(group.device), dtype=spec["dtype"], seed=spec["seed"], tokenizer=False)
+        models[key] = with_weights(loaded, spec["weights"])
+    return models[key]

@@ -104,6 +104,31 @@ def test_batch_above_the_cache_maximum_is_an_error_row(tmp_path):
     assert "error: batch of 2" in format_table(result["rows"])
 
 
+def test_the_batch_table_and_parity_run_on_the_engine(photo):
+    """A batch of B rows is B engine requests (Pipeline's path), decoded together, with the
+    lock-step loop's tokens; parity's free-running tokens come from one engine per runtime."""
+    from conftest import load_tiny
+    from vlmrt.bench import VlmrtRunner
+    from vlmrt.config import GenerationConfig
+    from vlmrt.eval.parity import EngineTokens
+    from vlmrt.generate import generate
+    from vlmrt.processor import Processor
+
+    loaded = load_tiny("minigpt4-tiny")
+    processor, cfg = Processor(loaded.spec, loaded.tokenizer), GenerationConfig(max_new_tokens=5)
+    batch = preprocess(processor, make_workload(processor, 2, "Describe this image."), loaded.device)[0]
+    runner = VlmrtRunner("eager", loaded, {})
+    timings, tokens = runner.generate(batch, 5)
+    lock_step = generate(runner.runtime, batch, cfg, loaded.tokenizer)
+    assert tokens.tolist() == lock_step.token_ids and tokens.shape == (2, 5)
+    assert runner.engine.timers["decode_steps"] == 4  # both rows admitted at once: 4 decode calls for 5 tokens
+    assert timings["ttft_ms"] >= timings["vision_ms"] > 0 and timings["ms_per_token"] > 0
+    run_tokens = EngineTokens(processor, loaded.tokenizer)
+    one = processor([photo], ["Hi"])
+    assert run_tokens(runner.runtime, one, cfg) == generate(runner.runtime, one, cfg, loaded.tokenizer).token_ids
+    assert list(run_tokens.engines) == [id(runner.runtime)] and run_tokens.engines[id(runner.runtime)].timers["decode_steps"] == 4
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(batches=(0,)), "batch sizes"),
     (dict(new_tokens=1), "--max-new-tokens >= 2"),

@@ -127,6 +127,8 @@ def test_bad_options_are_clear_errors():
     loaded = load_tiny("minigpt4-tiny")
     with pytest.raises(VlmrtError, match="unknown compiled-runtime option.*max_batchh"):
         CompiledRuntime(loaded, max_batchh=2)
+    with pytest.raises(VlmrtError, match="window_buckets are key positions.*got \\(0,\\)"):
+        CompiledRuntime(loaded, window_buckets=(0,))
     if not torch.cuda.is_available():
         with pytest.raises(VlmrtError, match="cuda_graphs=True needs the model on a CUDA device"):
             CompiledRuntime(loaded, cuda_graphs=True)

@@ -20,7 +20,8 @@ PROMPTS = ["Describe this image.", "What is the person in the picture holding, a
 @pytest.fixture(scope="module", params=["minigpt4-tiny", "slimm-tiny"])  # plain RoPE; M-RoPE + DeepStack extras
 def pipes(request):
     loaded = load_tiny(request.param)
-    return Pipeline(loaded), Pipeline(loaded, "compiled", {"max_batch": 4, "batch_buckets": (2, 4), "backend": "eager"})
+    options = {"max_batch": 4, "batch_buckets": (2, 4), "backend": "eager", "window_buckets": (192,)}  # every row fits 192
+    return Pipeline(loaded), Pipeline(loaded, "compiled", options)
 
 
 def _tokens(events: dict, rid: int) -> list[int]:
@@ -49,12 +50,17 @@ def test_compiled_engine_never_recompiles_and_matches_eager(pipes, photo):
     eager, compiled = pipes
     engine = compiled.engine  # warmup() compiles every graph here
     seen = set(compiled.runtime._seen)
-    assert {("engine-decode", 2), ("engine-decode", 4), ("engine-prefill",)} <= seen
+    assert {("engine-decode", 2), ("engine-decode", 4), ("engine-decode", 2, 192), ("engine-prefill",)} <= seen
+    windows = []
+    spy = lambda *a, window=None, **kw: windows.append(window) or decode_call(*a, window=window, **kw)
+    decode_call, compiled.runtime._engine_decode_call = compiled.runtime._engine_decode_call, spy
     with torch._dynamo.config.patch(error_on_recompile=True):
         got, ids = _serve(engine, photo, late_at=2)
         again, ids2 = _serve(engine, photo, late_at=0)  # other row counts per step
+    del compiled.runtime._engine_decode_call
     new = {k for k in compiled.runtime._seen - seen if k[0] != "vision"}  # vision compiles per image shape, on first use
     assert not new  # no decoder graph was compiled while serving
+    assert windows and set(windows) == {192}  # every step attended over the window bucket, not the whole slot
     ref_engine = Engine(eager.runtime, eager.processor, eager.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=4))
     ref, ref_ids = _serve(ref_engine, photo, late_at=2)
     assert [_tokens(got, i) for i in ids] == [_tokens(ref, i) for i in ref_ids]

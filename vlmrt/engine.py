@@ -53,6 +53,9 @@ from vlmrt.generate import RowText, byte_piece_ids, prompt_positions, sample_nex
 from vlmrt.kv_cache import default_kv_budget, slot_bytes, slots_for_budget
 
 
+WARMUP_PROMPT = "Describe this image."  # the warm-up probe's question (about the bundled photo, 2 tokens)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Size of the engine's KV pool."""
@@ -73,11 +76,15 @@ class Request:
         image: a path or PIL image, or a list of them: several images in one prompt (up to the
             family's `ProcessorSpec.max_images`), in the turns the Conversation's `image_turns` name.
         config: sampling, stops and max tokens (None: the engine's default, the model's stops).
+        inputs: the processor's batch of this one request, already made (input_ids [1,L], pixels,
+            ...: what `Processor([image], [prompt])` gives, or a cut of it); `prompt` and `image`
+            are then not processed again (None: they are).
     """
 
     prompt: str
     image: object = None
     config: GenerationConfig | None = None
+    inputs: dict | None = None
 
 
 @dataclass
@@ -176,7 +183,9 @@ class Engine:
         cfg = request.config or self.default_config
         if cfg.num_beams > 1:
             raise VlmrtError("the engine does not run beam search; use generate() (vlmrt.beam) for num_beams > 1")
-        batch = self.processor([request.image], [request.prompt])
+        batch = request.inputs if request.inputs is not None else self.processor([request.image], [request.prompt])
+        if batch["input_ids"].shape[0] != 1:
+            raise VlmrtError(f"a request's inputs hold one row; got {batch['input_ids'].shape[0]} (one Request per row)")
         device = self.runtime.device
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
         length = batch["input_ids"].shape[1]
@@ -240,7 +249,7 @@ class Engine:
         (the bundled photo) compiles vision and prefill with the family's real input kinds, then
         the runtime's warmup() the decode graph of every bucket."""
         probe = Path(__file__).parent / "assets" / "astronaut.jpg"
-        self.run([Request("Describe this image.", probe, replace(self.default_config, max_new_tokens=2))])
+        self.run([Request(WARMUP_PROMPT, probe, replace(self.default_config, max_new_tokens=2))])
         with torch.inference_mode():
             self.runtime.warmup()
         self.timers = dict.fromkeys(self.timers, 0)
@@ -281,7 +290,8 @@ class Engine:
         self.mask[s.slot, :L] = 1
         device = self.mask.device
         step = StepInputs(s.slot, s.slot + 1, embeds, positions, torch.arange(L, device=device)[None],
-                          self.mask[s.slot:s.slot + 1], torch.tensor([L - 1], device=device), extras, L)
+                          self.mask[s.slot:s.slot + 1], torch.tensor([L - 1], device=device), extras, L,
+                          causal_prefill=True)  # a prompt alone at positions 0..L-1 of an empty row
         logits = rt.run_step(step)  # [1,V]
         s.used, s.position = L, int(positions[..., -1].max()) + 1
         token = sample_next_token(logits.to(device), s.history[:, :0], s.config, s.generator)
@@ -448,6 +458,8 @@ class StepInputs:
                    `attention_window`) instead of all S+1 positions; rows fed the scratch position
                    then write inside that window, at its last position (rows that are padding own
                    no valid key, so any position of theirs is scratch)
+     causal_prefill the T tokens are each row's first, at positions 0..T-1, all valid: attention
+                   is plain causal (SDPA's is_causal, vlmrt.models.layers.attention_bias)
     ```
     """
 
@@ -460,6 +472,7 @@ class StepInputs:
     logits_at: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
     window: int | None = None
+    causal_prefill: bool = False
 
 
 WINDOW_MULTIPLE = 64  # attention windows are multiples of this: few distinct shapes (compiled graphs)

@@ -144,41 +144,54 @@ class Pipeline:
         """One engine request per row; the rows run (and finish) independently."""
         if len(images) != len(prompts):
             raise VlmrtError(f"got {len(images)} images for {len(prompts)} prompts; give one image per prompt")
-        engine, t0 = self.engine, time.perf_counter()
-        before = dict(engine.timers)
+        engine = self.engine  # made (and a compiled runtime warmed up) before the compile clock below
         compiled_before = dict(getattr(self.runtime, "compile_by_stage", {}))
-        ids = []
-        try:
-            for im, p in zip(images, prompts):
-                ids.append(engine.add(Request(p, im, config)))
-        except VlmrtError:
-            for rid in ids:  # all or nothing: a refused row takes its batch with it
-                engine.abort(rid)
-            raise
-        states = [engine._live[rid] for rid in ids]
-        row_of = {rid: i for i, rid in enumerate(ids)}
-        start = time.perf_counter()
-        try:
-            self._drain(engine, states, row_of, on_text)
-        except BaseException:
-            for rid in ids:  # nothing of this call stays in the engine
-                engine.abort(rid)
-            engine.pending = [ev for ev in engine.pending if ev.request_id not in row_of]
-            raise
-        end = max((s.finished_at for s in states), default=start)
-        result = _engine_result(states, engine.timers, before, (start - t0) * 1e3, start, end)
+        result = run_on_engine(engine, [Request(p, im, config) for im, p in zip(images, prompts)], on_text)
         if compiled_before:
             result.timings = without_compile(result.timings, compiled_before, self.runtime.compile_by_stage)
         return result
 
-    @staticmethod
-    def _drain(engine, states, row_of, on_text) -> None:
-        while any(s.row.finished is None for s in states):
-            for ev in engine.step():
-                if ev.request_id in row_of:
-                    states[row_of[ev.request_id]].finished_at = ev.time
-                    if ev.text and on_text:
-                        on_text(row_of[ev.request_id], ev.text)
+
+def run_on_engine(engine: Engine, requests: list[Request], on_text: StreamCallback | None = None) -> Result:
+    """Run `requests` on `engine` until they all finish, as one batch: a Result with one row per
+    request (`Pipeline`, `vlmrt bench`'s batch table and `vlmrt eval parity` all run this).
+
+    Args:
+        engine: the engine (requests already in it keep running alongside).
+        requests: one per row; all or nothing: a request refused at `add` takes the batch with it.
+        on_text: streaming callback, called as on_text(row, new_text).
+    """
+    t0 = time.perf_counter()
+    before = dict(engine.timers)
+    ids = []
+    try:
+        for r in requests:
+            ids.append(engine.add(r))
+    except VlmrtError:
+        for rid in ids:  # all or nothing: a refused row takes its batch with it
+            engine.abort(rid)
+        raise
+    states = [engine._live[rid] for rid in ids]
+    row_of = {rid: i for i, rid in enumerate(ids)}
+    start = time.perf_counter()
+    try:
+        _drain(engine, states, row_of, on_text)
+    except BaseException:
+        for rid in ids:  # nothing of this call stays in the engine
+            engine.abort(rid)
+        engine.pending = [ev for ev in engine.pending if ev.request_id not in row_of]
+        raise
+    end = max((s.finished_at for s in states), default=start)
+    return _engine_result(states, engine.timers, before, (start - t0) * 1e3, start, end)
+
+
+def _drain(engine, states, row_of, on_text) -> None:
+    while any(s.row.finished is None for s in states):
+        for ev in engine.step():
+            if ev.request_id in row_of:
+                states[row_of[ev.request_id]].finished_at = ev.time
+                if ev.text and on_text:
+                    on_text(row_of[ev.request_id], ev.text)
 
 
 def _engine_result(states, timers: dict, before: dict, preprocess_ms: float, start: float, end: float) -> Result:

@@ -10,7 +10,8 @@ Per image and runtime (N = new tokens, decoding greedy with stop tokens off, so 
 
 - `agreement`: fraction of the N greedy tokens equal to the reference's, position by position;
   `first_divergence`: index of the first differing token (None when all agree). Each runtime
-  runs the shared generation loop (`vlmrt.generate.generate`) on its own.
+  runs the request on its own engine (`EngineTokens`: `vlmrt.pipeline.run_on_engine`, the path of
+  Pipeline and `vlmrt run`); a runtime without engine steps, the lock-step loop (`generate()`).
 - `logits`: max / mean absolute logit error over the N steps, teacher-forced: both runtimes are fed
   the reference's tokens, so step i's logits answer the same question in both (a free-running
   runtime that diverged would be compared on different histories).
@@ -71,13 +72,47 @@ def token_agreement(ref: list[int], other: list[int]) -> tuple[float, int | None
     return sum(same) / n, first
 
 
-def compare_image(loaded, processor, runtimes: dict, image, prompt: str, new_tokens: int) -> dict:
+class EngineTokens:
+    """Free-running greedy tokens on each runtime's engine (one engine per runtime, made on first use
+    and kept for every image), as Pipeline and `vlmrt run` produce them; a runtime without engine
+    steps runs the lock-step loop (`vlmrt.generate.generate`).
+
+    Args:
+        processor: the model's Processor.
+        tokenizer: for the lock-step loop.
+    """
+
+    def __init__(self, processor, tokenizer):
+        self.processor, self.tokenizer, self.engines = processor, tokenizer, {}
+
+    def __call__(self, runtime, batch: dict, config) -> list[list[int]]:
+        """Tokens per row of `batch` (one engine request per row) under `config` (greedy, no stops)."""
+        from vlmrt.generate import generate
+
+        if not hasattr(runtime, "run_step"):
+            return generate(runtime, batch, config, self.tokenizer).token_ids
+        from vlmrt.bench_batch import engine_options, first_row
+        from vlmrt.engine import Engine, Request
+        from vlmrt.pipeline import run_on_engine
+
+        if id(runtime) not in self.engines:
+            self.engines[id(runtime)] = Engine(runtime, self.processor, config, engine_options(1))
+        if batch["input_ids"].shape[0] != 1:
+            raise VlmrtError("parity runs one image per batch")
+        return run_on_engine(self.engines[id(runtime)], [Request("", None, config, inputs=first_row(batch))]).token_ids
+
+
+def compare_image(loaded, processor, runtimes: dict, image, prompt: str, new_tokens: int,
+                  run_tokens: EngineTokens | None = None) -> dict:
     """The per-image report: reference tokens, then agreement, logit and stage errors per runtime,
     all from one `vlmrt.eval.tensor_parity.Reference` (stages fed the reference's inputs, N steps
-    teacher-forced on its tokens, free-running greedy tokens)."""
+    teacher-forced on its tokens, free-running greedy tokens on the engine: `run_tokens`, default a
+    new `EngineTokens`)."""
     batch = processor([image], [prompt])
     names = list(runtimes)
-    ref = Reference(runtimes[names[0]], batch, loaded.tokenizer, steps=new_tokens, token_steps=new_tokens)
+    run_tokens = run_tokens or EngineTokens(processor, loaded.tokenizer)
+    ref = Reference(runtimes[names[0]], batch, loaded.tokenizer, steps=new_tokens, token_steps=new_tokens,
+                    run_tokens=run_tokens)
     report = {"reference_tokens": ref.token_ids[0], "runtimes": {}}
     for name in names[1:]:
         result = ref.compare(runtimes[name])
@@ -124,14 +159,14 @@ def _compare_folder(loaded, runtimes, names, root, prompt, new_tokens, progress)
     from vlmrt.processor import Processor, load_image
 
     processor = Processor(loaded.spec, loaded.tokenizer)
-    rows = []
+    run_tokens, rows = EngineTokens(processor, loaded.tokenizer), []
     for name in tqdm(names, unit="img", desc="parity", disable=not progress, file=sys.stderr):
         try:
             image = load_image(os.path.join(root, name))
         except VlmrtError as e:
             rows.append({"image": name, "error": str(e)})
             continue
-        rows.append({"image": name, **compare_image(loaded, processor, runtimes, image, prompt, new_tokens)})
+        rows.append({"image": name, **compare_image(loaded, processor, runtimes, image, prompt, new_tokens, run_tokens)})
     return rows
 
 

@@ -160,17 +160,21 @@ class Reference:
         steps: N, the logits compared: the prefill's last position plus N-1 decode steps.
         token_steps: new tokens of the free-running check (default: 2 x steps).
         num_layers: decoder layers (default: from the runtime's model or manifest).
+        run_tokens: how the free-running tokens are made, run_tokens(runtime, batch, config) -> ids
+            per row (default: the lock-step loop, `vlmrt.generate.generate`; `vlmrt eval parity`
+            runs them on the engine).
     """
 
     def __init__(self, runtime, batch: dict, tokenizer, steps: int = 4, token_steps: int | None = None,
-                 num_layers: int | None = None):
+                 num_layers: int | None = None, run_tokens=None):
         if steps < 1:
             raise VlmrtError(f"steps must be at least 1, got {steps}")
         self.batch, self.tokenizer, self.steps = batch, tokenizer, steps
         self.layers = num_layers or _num_layers(runtime)
         self.cfg = GenerationConfig(max_new_tokens=token_steps or 2 * steps)  # greedy, no stops: every row runs N
+        self.run_tokens = run_tokens or (lambda rt, b, cfg: generate(rt, b, cfg, tokenizer).token_ids)
         self.trace = _trace(runtime, batch, steps, self.layers)
-        self.token_ids = generate(runtime, batch, self.cfg, tokenizer).token_ids
+        self.token_ids = self.run_tokens(runtime, batch, self.cfg)
 
     def compare(self, runtime, rtol: float = RTOL) -> ParityResult:
         """Run `runtime` on the same batch, each stage fed the reference's inputs; every check."""
@@ -183,7 +187,7 @@ class Reference:
         checks.append(_kv_check(ref.kv, out.kv, rtol))
         for i in range(1, self.steps):
             checks.append(_check(f"decode_step_{i}", ref.logits[i], out.logits[i], rtol))
-        ids = generate(runtime, self.batch, self.cfg, self.tokenizer).token_ids
+        ids = self.run_tokens(runtime, self.batch, self.cfg)
         same = float(ids != self.token_ids)
         checks.append(Check("tokens", same, same, same, not same))
         return ParityResult(checks, self.token_ids, ids, rtol)

@@ -102,6 +102,39 @@ def causal_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> t
     return allowed[:, None]  # [B,1,T,S]
 
 
+def attention_bias(attention_mask: torch.Tensor, cache_position: torch.Tensor, dtype: torch.dtype,
+                   causal_prefill: bool = False) -> torch.Tensor | None:
+    """The mask the decoder's SDPA calls take: an additive float mask [B,1,T,S] (0 where
+    `causal_mask` allows, -inf elsewhere, in the model's dtype), or None for plain causal attention
+    (SDPA's is_causal over the T keys just written). A float mask or is_causal, not a bool mask, so
+    that SDPA on a GPU may pick its flash (is_causal) or memory-efficient kernels.
+
+    Args:
+        attention_mask: [B,S] valid key slots.
+        cache_position: [T] or [B,T] the slot of each query (see `causal_mask`).
+        dtype: the queries' dtype (a float mask must match it).
+        causal_prefill: the caller's promise that the T queries are each row's first T tokens, at
+            slots 0..T-1, all valid, with nothing in the cache before them (a prompt prefilled alone
+            or an unpadded batch): then None. The caller knows this without reading a tensor, so
+            compiled and exported graphs keep one static branch.
+    """
+    if causal_prefill:
+        return None
+    allowed = causal_mask(attention_mask, cache_position)  # [B,1,T,S]
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype, device=allowed.device))
+
+
+def is_fresh_prefill(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> bool:
+    """Whether a lock-step decoder call is a prefill `attention_bias(causal_prefill=True)` covers:
+    T > 1 queries at slots 0..T-1 ([T] form) and every row valid there (no left padding). Reads
+    the tensors (a host sync on a GPU, once per prefill): for eager callers, never inside a graph."""
+    t = cache_position.shape[-1]
+    if t < 2 or cache_position.dim() != 1:
+        return False
+    return bool(torch.equal(cache_position.cpu(), torch.arange(t))) and bool(attention_mask[:, :t].bool().all())
+
+
 def splice_image_features(
     inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
 ) -> torch.Tensor:
@@ -167,15 +200,20 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         keys, values = cache.update(self.layer_idx, k, v, cache_position)  # [B,H_kv,S,hd]
+        if mask is None:  # a fresh prefill (attention_bias): causal over the T keys just written, square
+            keys, values = keys[:, :, :t], values[:, :, :t]  # [B,H_kv,T,hd]
+        elif mask.is_floating_point() and mask.dtype != q.dtype:  # e.g. a weight format's activations
+            mask = mask.to(q.dtype)
+        sdpa = dict(attn_mask=mask, is_causal=mask is None)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and not torch.onnx.is_in_onnx_export():  # grouped-query attention in SDPA: no copies
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)  # [B,H,T,hd]
+            out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True, **sdpa)  # [B,H,T,hd]
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if groups > 1:  # ONNX export: repeat each kv head for its query heads (opsets have no GQA attention)
             s = keys.shape[2]
             keys = keys[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
             values = values[:, :, None].expand(b, self.num_kv_heads, groups, s, self.head_dim).reshape(b, -1, s, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B,H,T,hd]
+        out = F.scaled_dot_product_attention(q, keys, values, **sdpa)  # [B,H,T,hd]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -239,11 +277,13 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None) -> torch.Tensor:
+    def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None,
+                causal_prefill: bool = False) -> torch.Tensor:
         """inputs_embeds [B,T,D], position_ids [B,T], attention_mask [B,S], cache_position [T] or
-        [B,T] (per row) -> logits [B,T,V], or [B,1,V] at `logits_at` [1] or [B] (see keep_position)."""
+        [B,T] (per row) -> logits [B,T,V], or [B,1,V] at `logits_at` [1] or [B] (see keep_position).
+        `causal_prefill`: the call is a fresh, unpadded prefill (see attention_bias)."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-        mask = causal_mask(attention_mask, cache_position)
+        mask = attention_bias(attention_mask, cache_position, inputs_embeds.dtype, causal_prefill)
         h = inputs_embeds
         for layer in self.model.layers:
             h = layer(h, cos, sin, mask, cache_position, cache)
@@ -268,8 +308,10 @@ class SplicedLlamaStages:
             return embeds
         return splice_image_features(embeds, input_ids, image_features, self.image_token_id)
 
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None) -> torch.Tensor:
-        return self.language_model(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at)
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None,
+               causal_prefill: bool = False) -> torch.Tensor:
+        return self.language_model(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at,
+                                   causal_prefill)
 
 
 def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -294,8 +294,9 @@ class MiniCPMVForConditionalGeneration(nn.Module):
             return embeds
         return splice_image_features(embeds, input_ids, image_features, self.image_token_id)
 
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None) -> torch.Tensor:
-        return self.llm(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at)
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=None,
+               causal_prefill: bool = False) -> torch.Tensor:
+        return self.llm(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at, causal_prefill)
 
     def export_io(self, stage: str, io):
         """Hook of vlmrt/export/onnx.py: the vision graph takes packed chunks and their per-patch

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from vlmrt.errors import VlmrtError
-from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, causal_mask, keep_position
+from vlmrt.models.layers import DecoderConfig, LlamaForCausalLM, attention_bias, keep_position
 from vlmrt.models.slimm_vision import VisionConfig, VisionTower, patch_rows, split_cells
 from vlmrt.processor import ChatTemplate, Processor, ProcessorSpec, image_to_pixels, load_image
 
@@ -149,11 +149,12 @@ class Qwen2VLDecoder(LlamaForCausalLM):
         return k // self.deepstack_interval if 0 <= k < num_groups * self.deepstack_interval else None
 
     def forward(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds=None,
-                logits_at=None):
+                logits_at=None, causal_prefill: bool = False):
         """inputs_embeds [B,T,D], position_ids [3,B,T], attention_mask [B,S], cache_position [T] or [B,T],
-        deepstack_embeds [K,B,T,D] (prefill only) -> logits [B,T,V] ([B,1,V] with `logits_at` [1])."""
+        deepstack_embeds [K,B,T,D] (prefill only) -> logits [B,T,V] ([B,1,V] with `logits_at` [1]).
+        `causal_prefill`: a fresh, unpadded prefill (vlmrt.models.layers.attention_bias)."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-        mask = causal_mask(attention_mask, cache_position)
+        mask = attention_bias(attention_mask, cache_position, inputs_embeds.dtype, causal_prefill)
         h = inputs_embeds
         for i, layer in enumerate(self.model.layers):
             g = None if deepstack_embeds is None else self.deepstack_group(i, deepstack_embeds.shape[0])
@@ -251,8 +252,9 @@ class SliMMForConditionalGeneration(Qwen2VLDecoder):
         return {"inputs_embeds": embeds, "deepstack_embeds": deep}
 
     def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds=None,
-               logits_at=None):
-        return self(inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds, logits_at)
+               logits_at=None, causal_prefill: bool = False):
+        return self(inputs_embeds, position_ids, attention_mask, cache_position, cache, deepstack_embeds, logits_at,
+                    causal_prefill)
 
     def export_io(self, stage: str, io):
         """Hook of vlmrt/export/onnx.py: patch rows + image_grid_thw for dynamic presets (one graph for

@@ -22,10 +22,12 @@ Engine steps (vlmrt/engine.py), beside the lock-step path above:
 
 ```
  allocate_slots  SlotKVCache [N <= max_batch, H_kv, S+1, hd] per layer; decode buckets = batch buckets <= N
- warmup()        (after the engine's probe request compiled vision + prefill) one decode graph per bucket
- prefill         embeds [1,L,D] ─► one graph for every L (dynamic length) ─► writes its row in place
+ warmup()        (after the engine's probe request compiled vision + prefill) one decode graph per
+                 (batch bucket, window bucket)
+ prefill         embeds [1,L,D] ─► one graph for every L (dynamic length, is_causal) ─► writes its row in place
  decode          rows [0,n) ─► static buffers of bucket Bb >= n (rows n..Bb-1: zero mask, scratch slot)
-                 ─► the Bb graph (CUDA graph on GPU) ─► in-place index_put_ into the pool ─► logits [n,V]
+                 ─► the (Bb, W) graph, W the smallest window bucket >= the longest row + 1 (keys [0, W)
+                 only; CUDA graph on GPU) ─► in-place index_put_ into the pool ─► logits [n,V]
 ```
 
 Why the padding is harmless:
@@ -71,6 +73,9 @@ class CompiledOptions:
     dynamic: bool | None = None  # None: a stage's first shape compiles static, a second one dynamic (reused after)
     backend: str = "inductor"  # torch.compile backend ("eager" / "aot_eager" to debug)
     mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    window_buckets: tuple[int, ...] = ()  # engine decode: attention windows (key positions), a graph each per
+    # batch bucket, built in warmup(); a step attends over the smallest that holds every running row
+    # (the whole slot is always one; empty: the whole slot only)
 
 
 _COPIES = itertools.count()  # numbers the per-runtime copies of the step functions (see _own_copy)
@@ -117,6 +122,13 @@ def _prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_posi
     Separate from the decode step so that each keeps its own compiled graphs (each runtime compiles
     its own copies, see _own_copy)."""
     return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=logits_at, **extras)
+
+
+def _fresh_prefill_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at, extras):
+    """The engine's prefill, one prompt alone at positions 0..T-1 of an empty row: plain causal
+    attention (SDPA's is_causal, no mask tensor; vlmrt.models.layers.attention_bias)."""
+    return model.decode(inputs_embeds, position_ids, attention_mask, cache_position, cache, logits_at=logits_at,
+                        causal_prefill=True, **extras)
 
 
 def _decode_step(model, inputs_embeds, position_ids, attention_mask, cache_position, cache):
@@ -177,7 +189,7 @@ class CompiledRuntime:
         self.use_graphs = self.device.type == "cuda" if o.cuda_graphs is None else o.cuda_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise VlmrtError("cuda_graphs=True needs the model on a CUDA device; load it with --device cuda")
-        _raise_recompile_limit(len(self.batch_buckets) * 16)
+        _raise_recompile_limit(len(self.batch_buckets) * 16 * (len(o.window_buckets) + 1))  # a graph per window too
         compile_kw = {"backend": o.backend, "dynamic": o.dynamic, **({"mode": o.mode} if o.mode else {})}
         self._prefill = torch.compile(_own_copy(_prefill_step), **compile_kw)
         self._decode = torch.compile(_own_copy(_decode_step), **compile_kw)
@@ -314,12 +326,15 @@ class CompiledRuntime:
         n, seq = min(num_slots, self.max_batch), min(max_seq, self.max_seq)
         self.pool = SlotKVCache(m.num_layers, n, m.num_kv_heads, seq, m.head_dim, self.dtype, dev)
         self.slot_buckets = tuple(sorted({b for b in self.batch_buckets if b < n} | {n}))
-        self._slot_views = {nb: SlotView(self.pool, torch.arange(nb, device=dev), 0) for nb in self.slot_buckets}
+        whole = seq + 1  # the slot, scratch position included
+        self.window_buckets = tuple(sorted({w for w in self.options.window_buckets if 1 <= w < whole} | {whole}))
+        self._slot_views = {(nb, w): SlotView(self.pool, torch.arange(nb, device=dev), 0, w)
+                            for nb in self.slot_buckets for w in self.window_buckets}
         self._prefill_row = torch.zeros(1, dtype=torch.long, device=dev)  # the row a prefill writes: an input
         self._prefill_view = SlotView(self.pool, self._prefill_row, None)
         o = self.options
         kw = {"backend": o.backend, **({"mode": o.mode} if o.mode else {})}
-        self._engine_prefill = torch.compile(_own_copy(_prefill_step), dynamic=True, **kw)  # one graph for every T
+        self._engine_prefill = torch.compile(_own_copy(_fresh_prefill_step), dynamic=True, **kw)  # one graph for every T
         self._engine_decode = torch.compile(_own_copy(_decode_step), dynamic=False, **kw)  # one per bucket
         return self.pool
 
@@ -333,7 +348,9 @@ class CompiledRuntime:
         embeds, _ = split_embedded(self.embed(torch.zeros(1, 1, dtype=torch.long, device=dev), None))  # [1,1,D]
         mask = torch.zeros(0, pool.max_seq + 1, dtype=torch.long, device=dev)
         for nb in self.slot_buckets:
-            self._engine_decode_call(0, embeds[:0], None, mask, torch.zeros(0, 1, dtype=torch.long, device=dev), bucket=nb)
+            for w in self.window_buckets:
+                self._engine_decode_call(0, embeds[:0], None, mask, torch.zeros(0, 1, dtype=torch.long, device=dev),
+                                         bucket=nb, window=w)
 
     @torch.inference_mode()
     def run_step(self, step) -> torch.Tensor:
@@ -341,14 +358,18 @@ class CompiledRuntime:
         `logits_at` given) runs the dynamic-length graph; a decode over rows [0, n) runs the graph of
         the smallest bucket >= n, its rows past n padding (zero mask, scratch position)."""
         if step.logits_at is not None:
-            if step.stop - step.start != 1:
-                raise VlmrtError("the compiled runtime prefills one request per call")
+            if step.stop - step.start != 1 or not step.causal_prefill:
+                raise VlmrtError("the compiled runtime prefills one request per call, alone in its row")
             return self._engine_prefill_call(step.start, step.inputs_embeds, step.position_ids, step.attention_mask,
                                              step.cache_position, step.logits_at, step.extras)
         if step.start != 0:
             raise VlmrtError("the compiled runtime decodes pool rows [0, n) only")
+        w = pick_bucket(step.window or self.window_buckets[-1], self.window_buckets)
+        slots = step.cache_position  # [n,1]; a padding row's scratch position moves inside the window
+        if w < self.window_buckets[-1]:
+            slots = torch.where(slots >= w, torch.full_like(slots, w - 1), slots)
         return self._engine_decode_call(step.stop, step.inputs_embeds, step.position_ids, step.attention_mask,
-                                        step.cache_position)
+                                        slots, window=w)
 
     def _engine_prefill_call(self, row, embeds, positions, mask, cache_position, logits_at, extras):
         self._prefill_row.fill_(row)
@@ -358,10 +379,14 @@ class CompiledRuntime:
         args = (self.model, embeds, positions, mask, cache_position, self._prefill_view, logits_at, extras)
         return self._first_call(("engine-prefill",), lambda: self._engine_prefill(*args))[:, -1]  # [1,V]
 
-    def _engine_decode_call(self, n, embeds, positions, mask, cache_position, bucket: int | None = None):
-        """embeds [n,1,D], positions [n,1] (None: zeros), mask [n,S+1], cache_position [n,1] -> [n,V]
-        (the graph of `bucket`, default the smallest that holds n rows)."""
+    def _engine_decode_call(self, n, embeds, positions, mask, cache_position, bucket: int | None = None,
+                            window: int | None = None):
+        """embeds [n,1,D], positions [n,1] (None: zeros), mask [n,S+1], cache_position [n,1] (inside the
+        window) -> [n,V]: the graph of `bucket` (default the smallest that holds n rows) and `window`
+        (one of window_buckets, default the whole slot), attending over key positions [0, window)."""
         nb = bucket or pick_bucket(max(n, 1), self.slot_buckets)
+        whole = self.window_buckets[-1]
+        w = window or whole
         st = self._engine_static(nb, embeds.shape[-1])
         st["embeds"][:n].copy_(embeds)
         st["embeds"][n:].zero_()
@@ -371,9 +396,10 @@ class CompiledRuntime:
         st["mask"][:n].copy_(mask)
         st["mask"][n:].zero_()
         st["slots"][:n].copy_(cache_position)
-        st["slots"][n:].fill_(self.pool.scratch)
-        inputs = (self.model, st["embeds"], st["positions"], st["mask"], st["slots"], self._slot_views[nb])
-        key = ("engine-decode", nb)
+        st["slots"][n:].fill_(w - 1)  # padding rows (free rows): the scratch position, or the window's last
+        mask_in = st["mask"] if w == whole else st["mask"][:, :w]  # [Bb,W]: a view of the static buffer
+        inputs = (self.model, st["embeds"], st["positions"], mask_in, st["slots"], self._slot_views[(nb, w)])
+        key = ("engine-decode", nb) if w == whole else ("engine-decode", nb, w)
         if not self.use_graphs:
             return self._first_call(key, lambda: self._engine_decode(*inputs))[:n, -1]
         return self._replay(key, self._engine_decode, inputs)[:n, -1].clone()  # the next replay overwrites it
@@ -449,7 +475,8 @@ def describe_shape(key: tuple) -> str:
     if key[0] == "engine-prefill":
         return "prefill for one request, any length (the engine's slot pool)"
     if key[0] == "engine-decode":
-        return f"decode for {key[1]} engine rows (the slot pool)"
+        window = f", keys [0, {key[2]})" if len(key) > 2 else ""
+        return f"decode for {key[1]} engine rows (the slot pool{window})"
     return f"decode for batch {key[1]} (cache {key[2]})"
 
 
@@ -461,6 +488,9 @@ def _make_options(options: dict) -> CompiledOptions:
     o = CompiledOptions(**options)
     if o.max_batch < 1 or o.seq_multiple < 1 or o.prefill_multiple < 1:
         raise VlmrtError("max_batch, seq_multiple and prefill_multiple must be at least 1")
+    if not all(isinstance(w, int) and w >= 1 for w in o.window_buckets):
+        raise VlmrtError(f"window_buckets are key positions per attention window, each at least 1 "
+                         f"(e.g. (256, 1024)); got {o.window_buckets!r}")
     if o.mode in ("reduce-overhead", "max-autotune"):  # these modes capture CUDA graphs of their own
         raise VlmrtError(f"mode={o.mode!r} captures CUDA graphs itself, and this runtime already captures its "
                          "own; use mode='max-autotune-no-cudagraphs' (or leave mode unset)")

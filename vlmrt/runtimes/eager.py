@@ -7,6 +7,7 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.kv_cache import SlotKVCache, StaticKVCache
+from vlmrt.models.layers import is_fresh_prefill
 
 
 class EagerRuntime:
@@ -48,8 +49,9 @@ class EagerRuntime:
             mask = torch.nn.functional.pad(mask, (0, s - mask.shape[1]))
         t = inputs_embeds.shape[1]
         last = torch.tensor([t - 1], device=self.device) if t > 1 else None  # logits of the last position only
+        fresh = t > 1 and is_fresh_prefill(mask, cache_position)  # an unpadded prefill: SDPA's is_causal
         return self.model.decode(inputs_embeds, position_ids.to(self.device), mask, cache_position.to(self.device),
-                                 self.cache, logits_at=last, **extras)  # [B,1,V]
+                                 self.cache, logits_at=last, **extras, **({"causal_prefill": True} if fresh else {}))  # [B,1,V]
 
     # ------------------------------------------------------------------ engine steps (vlmrt/engine.py)
     def allocate_slots(self, num_slots: int, max_seq: int) -> SlotKVCache:
@@ -66,8 +68,10 @@ class EagerRuntime:
         from vlmrt.engine import attention_window
 
         w, slots = attention_window(step, self.pool.scratch)
+        fresh = {"causal_prefill": True} if step.causal_prefill else {}
         logits = self.model.decode(step.inputs_embeds, step.position_ids, step.attention_mask[:, :w], slots,
-                                   self.pool.view(step.start, step.stop, w), logits_at=step.logits_at, **step.extras)
+                                   self.pool.view(step.start, step.stop, w), logits_at=step.logits_at, **step.extras,
+                                   **fresh)
         return logits[:, -1]  # [n,V]
 
     @torch.inference_mode()

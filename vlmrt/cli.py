@@ -171,8 +171,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    """Export a model's vision, embedding and decoder stages (ONNX graphs, AOTInductor packages or
-    Paddle Inference model files),
+    """Export a model's vision, embedding and decoder stages (ONNX graphs, AOTInductor packages,
+    Paddle Inference model files or StableHLO artefacts),
     with the tokenizer and a manifest; `vlmrt run --model OUT ...` then runs it with no model code.
     fp16 is for GPU providers (ONNX Runtime's CPU kernels are fp32)."""
     from vlmrt.export import export

@@ -172,9 +172,15 @@ class Reference:
         self.batch, self.tokenizer, self.steps = batch, tokenizer, steps
         self.layers = num_layers or _num_layers(runtime)
         self.cfg = GenerationConfig(max_new_tokens=token_steps or 2 * steps)  # greedy, no stops: every row runs N
-        self.run_tokens = run_tokens or (lambda rt, b, cfg: generate(rt, b, cfg, tokenizer).token_ids)
+        self.run_tokens = run_tokens  # None: the lock-step loop (a Reference stays picklable)
         self.trace = _trace(runtime, batch, steps, self.layers)
-        self.token_ids = self.run_tokens(runtime, batch, self.cfg)
+        self.token_ids = self._tokens(runtime)
+
+    def _tokens(self, runtime) -> list:
+        """The free-running greedy tokens of `runtime` on the batch."""
+        if self.run_tokens is not None:
+            return self.run_tokens(runtime, self.batch, self.cfg)
+        return generate(runtime, self.batch, self.cfg, self.tokenizer).token_ids
 
     def compare(self, runtime, rtol: float = RTOL) -> ParityResult:
         """Run `runtime` on the same batch, each stage fed the reference's inputs; every check."""
@@ -187,7 +193,7 @@ class Reference:
         checks.append(_kv_check(ref.kv, out.kv, rtol))
         for i in range(1, self.steps):
             checks.append(_check(f"decode_step_{i}", ref.logits[i], out.logits[i], rtol))
-        ids = self.run_tokens(runtime, self.batch, self.cfg)
+        ids = self._tokens(runtime)
         same = float(ids != self.token_ids)
         checks.append(Check("tokens", same, same, same, not same))
         return ParityResult(checks, self.token_ids, ids, rtol)

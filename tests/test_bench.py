@@ -255,3 +255,20 @@ def test_the_throughput_plot_ticks_the_measured_batch_sizes():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_weight_bytes_of_a_runtime_whose_model_is_only_its_cache_geometry():
+    """A lowered runtime (paddle) keeps the cache's geometry as `model`: the bench counts the loaded
+    model's decoder weights instead of failing on it."""
+    from types import SimpleNamespace
+
+    from conftest import load_tiny
+    from vlmrt.bench_weights import bytes_per_token
+    from vlmrt.quantize import decoder_weight_bytes
+    from vlmrt.runtimes.onnx import CacheGeometry
+
+    loaded = load_tiny("minigpt4-tiny")
+    geometry = CacheGeometry(2, 2, 8, 64)
+    lowered = SimpleNamespace(runtime=SimpleNamespace(model=geometry, loaded=loaded))
+    assert bytes_per_token(lowered) == decoder_weight_bytes(loaded.model) > 0
+    assert bytes_per_token(SimpleNamespace(runtime=SimpleNamespace(model=geometry))) is None

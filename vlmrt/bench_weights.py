@@ -53,7 +53,9 @@ def bytes_per_token(runner) -> int | None:
     if folder is not None:  # onnx: the decoder graph and its weights file
         return sum(f.stat().st_size for f in folder.glob("decoder.onnx*"))
     model = getattr(rt, "model", None)
-    return decoder_weight_bytes(model) if model is not None else None
+    if not isinstance(model, torch.nn.Module):  # paddle: `model` is the cache's geometry; its own weights
+        model = getattr(getattr(rt, "loaded", None), "model", None)  # are the loaded model's, lowered
+    return decoder_weight_bytes(model) if isinstance(model, torch.nn.Module) else None
 
 
 def add_bandwidth_columns(rows: list[dict], gb_s: float | None) -> None:

@@ -86,6 +86,27 @@ def cut_image_tokens(graph_info, values: dict, outs: dict) -> dict:
                 outs[t.name] = outs[t.name].narrow(axis, 0, round(outs[t.name].shape[axis] * part))
     return outs
 
+def cut_outputs(info, outs: dict, cut: dict[str, int], keep: str, to_torch) -> dict:
+    """A bucket graph's outputs as torch tensors (`to_torch`), each named axis cut to `cut` (the
+    request's real batch, sequence, ...); outputs whose name starts with `keep` (the presents: the
+    next call's past) stay as the runtime gave them."""
+    result = {}
+    for t in info.outputs:
+        if t.name.startswith(keep):
+            result[t.name] = outs[t.name]
+            continue
+        x = to_torch(outs[t.name])
+        for axis, dim in enumerate(t.dims or ()):
+            if dim in cut:
+                x = x.narrow(axis, 0, cut[dim])
+        result[t.name] = x
+    return result
+
+
+def one_or_dict(outs: dict, single: str):
+    """The one output `single`, or every output by name when a stage gives several."""
+    return outs[single] if list(outs) == [single] else outs
+
 
 class StaticOnnxRuntime(OnnxRuntime):
     """Runs a static-shape export (see the module docstring); a subclass of the onnx runtime that
@@ -112,21 +133,7 @@ class StaticOnnxRuntime(OnnxRuntime):
             elif v is not None:
                 padded[t.name] = pad_to(v.detach().cpu(), tuple(t.shape), t.name, info.file)
         outs = self.run_graph(info, self.sessions[info.file], padded, {})
-        result = {}
-        for t in info.outputs:
-            if t.name.startswith("present."):
-                result[t.name] = outs[t.name]  # stays an OrtValue: the next call's past
-                continue
-            x = torch.from_numpy(outs[t.name].numpy())
-            for axis, dim in enumerate(t.dims or ()):
-                if dim in cut:
-                    x = x.narrow(axis, 0, cut[dim])
-            result[t.name] = x
-        return result
-
-    @staticmethod
-    def _one_or_dict(outs: dict, single: str):
-        return outs[single] if list(outs) == [single] else outs
+        return cut_outputs(info, outs, cut, "present.", lambda v: torch.from_numpy(v.numpy()))  # presents stay OrtValues
 
     # ------------------------------------------------------------------------- the StageRunner interface
     def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
@@ -134,7 +141,7 @@ class StaticOnnxRuntime(OnnxRuntime):
         b = pixel_values.shape[0]
         graph, values = self._pick("vision", b), {"pixel_values": pixel_values, **vision_inputs}
         outs = cut_image_tokens(graph.info, values, self._run_padded(graph, values, {"batch": b}))
-        return self._one_or_dict(outs, IMAGE_FEATURES)
+        return one_or_dict(outs, IMAGE_FEATURES)
 
     def embed(self, input_ids: torch.Tensor, image_features) -> torch.Tensor:
         """input_ids [b,t] (+ image_features or a dict of them; None: text only) -> inputs_embeds [b,t,D]."""
@@ -146,7 +153,7 @@ class StaticOnnxRuntime(OnnxRuntime):
             values[IMAGE_FEATURES] = image_features
         text_only = image_features is None and t == 1
         graph = self._pick("embedding", b, t, images=not text_only)
-        return self._one_or_dict(self._run_padded(graph, values, {"batch": b, "sequence": t}), INPUTS_EMBEDS)
+        return one_or_dict(self._run_padded(graph, values, {"batch": b, "sequence": t}), INPUTS_EMBEDS)
 
     def start(self, batch_size: int, max_seq_len: int) -> None:
         """Zero the fixed-size cache of the smallest batch bucket that holds `batch_size` rows."""

@@ -27,7 +27,7 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import read_manifest
-from vlmrt.runtimes.onnx_static import cut_image_tokens, pad_to, pick_graph
+from vlmrt.runtimes.onnx_static import cut_image_tokens, cut_outputs, one_or_dict, pad_to, pick_graph
 from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, LOGITS_INDEX,
                           POSITION_IDS, embedding_inputs)
 
@@ -122,21 +122,7 @@ class StableHloRuntime:
             else:
                 inputs[t.name] = pad_to(v.detach().cpu(), tuple(t.shape), t.name, info.file).numpy().astype(t.dtype)
         outs = self.calls[info.file](self.weights, inputs, cache)
-        result = {}
-        for t in info.outputs:
-            if t.name.startswith(PRESENT):
-                result[t.name] = outs[t.name]
-                continue
-            x = torch.from_numpy(np.array(outs[t.name]))
-            for axis, dim in enumerate(t.dims or ()):
-                if dim in cut:
-                    x = x.narrow(axis, 0, cut[dim])
-            result[t.name] = x
-        return result
-
-    @staticmethod
-    def _one_or_dict(outs: dict, single: str):
-        return outs[single] if list(outs) == [single] else outs
+        return cut_outputs(info, outs, cut, PRESENT, lambda v: torch.from_numpy(np.array(v)))  # presents stay jax arrays
 
     # ------------------------------------------------------------------------- the StageRunner interface
     def encode_images(self, pixel_values: torch.Tensor, **vision_inputs):
@@ -144,14 +130,14 @@ class StableHloRuntime:
         b = pixel_values.shape[0]
         graph, values = self._pick("vision", b), {"pixel_values": pixel_values, **vision_inputs}
         outs = cut_image_tokens(graph.info, values, self._run(graph, values, {"batch": b}))
-        return self._one_or_dict(outs, IMAGE_FEATURES)
+        return one_or_dict(outs, IMAGE_FEATURES)
 
     def embed(self, input_ids: torch.Tensor, image_features) -> torch.Tensor:
         """input_ids [b,t] (+ image_features or a dict of them; None: text only) -> inputs_embeds [b,t,D]."""
         b, t = input_ids.shape
         values = embedding_inputs(input_ids, image_features)
         graph = self._pick("embedding", b, t, images=not (image_features is None and t == 1))
-        return self._one_or_dict(self._run(graph, values, {"batch": b, "sequence": t}), INPUTS_EMBEDS)
+        return one_or_dict(self._run(graph, values, {"batch": b, "sequence": t}), INPUTS_EMBEDS)
 
     def start(self, batch_size: int, max_seq_len: int) -> None:
         """Zeroed cache arrays (jax) of the smallest batch bucket that holds `batch_size` rows."""

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from vlmrt.errors import VlmrtError
+
 
 class StaticKVCache:
     """A preallocated cache for (max_batch, max_seq) tokens; no allocation while generating."""
@@ -71,6 +73,26 @@ class ConcatKVCache:
         self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)  # [B,H_kv,S_past+T,hd]
         self.values[layer] = torch.cat([self.values[layer], v], dim=2)
         return self.keys[layer], self.values[layer]
+
+
+def lockstep_inputs(attention_mask: torch.Tensor, cache_position: torch.Tensor, seq: int,
+                    batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask and slots of a lock-step decoder call on a cache of `seq` slots (the jax, paddle and
+    aoti runtimes' `decode`), after checking that the call's last slot fits.
+
+    Args:
+        attention_mask: [B,L] over the request so far (L may be under or over `seq`).
+        cache_position: [T] (every row) or [B,T] slots of the call's tokens.
+    Returns: mask [B,S] (cut or zero-padded to S = seq), slots [B,T].
+    """
+    t = cache_position.shape[-1]
+    last = int(cache_position.reshape(-1, t)[:, -1].max())
+    if last >= seq:
+        raise VlmrtError(f"slot {last} is past the {seq} slots of this request's cache")
+    mask = attention_mask[:, :seq]
+    mask = torch.nn.functional.pad(mask, (0, seq - mask.shape[1]))  # [B,S]
+    slots = cache_position.reshape(1, t).expand(batch, t) if cache_position.dim() == 1 else cache_position
+    return mask, slots
 
 
 def write_slots(buffer: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> None:

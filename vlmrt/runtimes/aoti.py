@@ -23,6 +23,7 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import read_manifest
+from vlmrt.kv_cache import lockstep_inputs
 from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, LOGITS_INDEX,
                           POSITION_IDS, embedding_inputs)
 
@@ -120,12 +121,9 @@ class AotiRuntime:
     def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
         """inputs_embeds [B,T,D] at slots `cache_position` [T] -> the last position's logits [B,1,V]."""
         b, t = inputs_embeds.shape[:2]
-        if int(cache_position[-1]) >= self.seq:
-            raise VlmrtError(f"slot {int(cache_position[-1])} is past the {self.seq} slots of this request's cache")
-        mask = attention_mask[:, :self.seq].to(self.device)
-        mask = torch.nn.functional.pad(mask, (0, self.seq - mask.shape[1]))  # [B,S]
-        values = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask,
-                  CACHE_POSITION: cache_position.to(self.device)[None].expand(b, -1),
+        mask, slots = lockstep_inputs(attention_mask, cache_position, self.seq, b)  # [B,S], [B,T]
+        values = {INPUTS_EMBEDS: inputs_embeds, POSITION_IDS: position_ids, ATTENTION_MASK: mask.to(self.device),
+                  CACHE_POSITION: slots.to(self.device),
                   LOGITS_INDEX: torch.full((b,), t - 1, dtype=torch.long, device=self.device), **self.past, **extras}
         outs = self._call(("decoder", True), values, {"batch": b, "sequence": t, "cache_sequence": self.seq})
         self.past = {k.replace("present.", "past_key_values.", 1): v for k, v in outs.items() if k.startswith("present.")}

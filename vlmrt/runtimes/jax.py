@@ -29,7 +29,7 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.export.static_cache import ScatterKVCache
-from vlmrt.kv_cache import SlotKVCache
+from vlmrt.kv_cache import SlotKVCache, lockstep_inputs
 from vlmrt.runtimes.torchax_bridge import import_jax, to_jax, to_torch
 from vlmrt.stages import IMAGE_FEATURES, INPUTS_EMBEDS
 
@@ -184,11 +184,7 @@ class JaxRuntime:
     def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
         """inputs_embeds [B,T,D] at slots `cache_position` [T] -> the last position's logits [B,1,V]."""
         b, t = inputs_embeds.shape[:2]
-        if int(cache_position[-1]) >= self.seq:
-            raise VlmrtError(f"slot {int(cache_position[-1])} is past the {self.seq} slots of this request's cache")
-        mask = attention_mask[:, :self.seq]
-        mask = torch.nn.functional.pad(mask, (0, self.seq - mask.shape[1]))  # [B,S]
-        slots = cache_position.reshape(1, t).expand(b, t) if cache_position.dim() == 1 else cache_position
+        mask, slots = lockstep_inputs(attention_mask, cache_position, self.seq, b)  # [B,S], [B,T]
         logits = self._run_decoder(inputs_embeds, position_ids, mask, slots, torch.full((b,), t - 1), extras)
         self.past_len = max(self.past_len, int(cache_position.max()) + 1)
         return logits

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vlmrt.errors import VlmrtError
-from vlmrt.kv_cache import SlotKVCache
+from vlmrt.kv_cache import SlotKVCache, lockstep_inputs
 from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, LOGITS_INDEX,
                           POSITION_IDS, embedding_inputs, past_key_name, past_value_name)
 
@@ -207,11 +207,7 @@ class PaddleRuntime:
     def decode(self, inputs_embeds, position_ids, attention_mask, cache_position, **extras) -> torch.Tensor:
         """inputs_embeds [B,T,D] at slots `cache_position` [T] -> the last position's logits [B,1,V]."""
         b, t = inputs_embeds.shape[:2]
-        if int(cache_position[-1]) >= self.seq:
-            raise VlmrtError(f"slot {int(cache_position[-1])} is past the {self.seq} slots of this request's cache")
-        mask = attention_mask[:, :self.seq]
-        mask = torch.nn.functional.pad(mask, (0, self.seq - mask.shape[1]))  # [B,S]
-        slots = cache_position.reshape(1, t).expand(b, t) if cache_position.dim() == 1 else cache_position
+        mask, slots = lockstep_inputs(attention_mask, cache_position, self.seq, b)  # [B,S], [B,T]
         rows = self.keys[0].shape[0]
         keys, values = self.keys, self.values
         if b < rows:  # beam search prefills B prompts into a cache of B*K rows

@@ -56,6 +56,17 @@ def test_tp2_int8_matches_tp1_int8(report, family):
     assert r["rel_logits"] <= 1e-5, r
 
 
+@pytest.mark.parametrize("weights", ["fp", "int8"])
+def test_tp2_from_a_release_folder_matches_tp1(report, weights):
+    """A Qwen-VL release (.bin shards, fused c_attn): each rank reads only its shard (rank 0 here, the
+    follower from the same folder), and the 2-rank group writes tp=1's tokens from the whole load."""
+    r = report["families"][f"qwen_vl-release/{weights}"]
+    assert r["rank0_sharded"] and r["lengths"] == [32] * 4
+    assert r["tokens_equal"], r
+    assert r["rel_logits"] <= 1e-5, r
+    assert r.get("lockstep_equal", True), r
+
+
 def test_int4_is_refused_before_any_rank_loads(report):
     assert "int4 is not supported" in report["int4_error"] and "int8" in report["int4_error"]
 

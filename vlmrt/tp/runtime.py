@@ -26,7 +26,7 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.tp.group import TPGroup
-from vlmrt.tp.shard import check_shardable, shard_model
+from vlmrt.tp.shard import Shard, check_row_scales, check_shardable, shard_model
 
 REPLAYED = ("start", "decode", "allocate_slots", "run_step", "reorder")  # methods followers run too
 _IDS = itertools.count()
@@ -46,6 +46,8 @@ def sharded_runtime(loaded, group: TPGroup):
     """An EagerRuntime on this rank's shard of `loaded` (its weight format applied first)."""
     from vlmrt.runtimes.eager import EagerRuntime
 
+    if getattr(loaded.model, "tp_shard", None) == (group.rank, group.world):  # loaded as this rank's shard
+        check_row_scales(loaded.model, loaded.weights)
     rt = EagerRuntime(loaded)
     if getattr(rt.model, "tp_shard", None) != (group.rank, group.world):  # two runtimes may share one model
         shard_model(rt.model, group.rank, group.world)
@@ -149,13 +151,16 @@ def follow(group: TPGroup) -> None:
 
 
 def _model_for(spec: dict, models: dict, group: TPGroup):
-    """A follower's LoadedModel for `spec`, loaded once per spec (without a tokenizer: followers
-    never tokenize). Rank 0 may put one model on several runtimes; they share one shard here too."""
+    """A follower's LoadedModel for `spec`: its shard, loaded once per spec (without a tokenizer:
+    followers never tokenize). Rank 0 may put one model on several runtimes; they share one shard here too."""
     from vlmrt.models import load_model
     from vlmrt.quantize import with_weights
 
     key = repr(sorted(spec.items()))
     if key not in models:
-        loaded = load_model(spec["name"], device=str(group.device), dtype=spec["dtype"], seed=spec["seed"], tokenizer=False)
+        weights = spec["weights"]
+        shard = Shard(group.rank, group.world, row_absmax=weights is not None and weights.format == "int8")
+        loaded = load_model(spec["name"], device=str(group.device), dtype=spec["dtype"], seed=spec["seed"],
+                            tokenizer=False, shard=shard)
         models[key] = with_weights(loaded, spec["weights"])
     return models[key]

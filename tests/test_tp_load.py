@@ -50,10 +50,23 @@ def _same_int8(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
     return [k for k in ba if not torch.equal(ba[k], bb[k])]
 
 
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    """kind -> (folder, its tp=1 load), written and loaded once for the module."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            folder = _write(kind, tmp_path_factory.mktemp("release") / kind)
+            cache[kind] = folder, load_model(str(folder))
+        return cache[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["minigpt4-bin", "qwen-bin", "qwen-safetensors", "minicpmv", "slimm"])
-def test_a_rank_loads_exactly_the_slice_of_the_tp1_load(tmp_path, kind):
-    folder = _write(kind, tmp_path / kind)
-    whole = load_model(str(folder))
+def test_a_rank_loads_exactly_the_slice_of_the_tp1_load(releases, kind):
+    folder, whole = releases(kind)
     int8 = parse_weights("int8")
     whole_int8 = quantize_model(copy.deepcopy(whole.model), int8)
     for rank in range(2):
@@ -112,17 +125,17 @@ class _Slice:
 
 
 @pytest.mark.parametrize("row_absmax", [False, True])
-def test_a_rank_never_reads_a_whole_split_weight(tmp_path, monkeypatch, row_absmax):
+def test_a_rank_never_reads_a_whole_split_weight(releases, monkeypatch, row_absmax):
     """MiniCPM-V's sharded safetensors folder at --tp 2: every read of a split decoder weight is at
     most half of it; without int8 scales a rank reads exactly its half, with them (row-parallel
     weights read again in row blocks of half the weight for their absmax) no more than the whole."""
     import safetensors
 
-    folder = _write("minicpmv", tmp_path / "minicpmv")
+    folder, whole = releases("minicpmv")
+    full = {k: v.numel() for k, v in whole.model.state_dict().items()}
     reads = Reads(safetensors.safe_open)
     monkeypatch.setattr(safetensors, "safe_open", reads)
     model = load_model(str(folder), shard=Shard(0, 2, row_absmax=row_absmax)).model
-    full = {k: v.numel() for k, v in load_model(str(folder)).model.state_dict().items()}
     split = [k for k in full if k.startswith("llm.model.layers.") and k.split(".")[-2] in SPLIT]
     assert split and all(k.endswith(".weight") for k in split)
     for key in split:
@@ -136,10 +149,10 @@ def test_a_rank_never_reads_a_whole_split_weight(tmp_path, monkeypatch, row_absm
     assert model.tp_shard == (0, 2)
 
 
-def test_int8_on_a_shard_loaded_without_row_scales_is_refused(tmp_path):
+def test_int8_on_a_shard_loaded_without_row_scales_is_refused(releases):
     from vlmrt.quantize import with_weights
 
-    folder = _write("qwen-safetensors", tmp_path / "qwen")
+    folder, _ = releases("qwen-safetensors")
     loaded = with_weights(load_model(str(folder), shard=Shard(1, 2)), parse_weights("int8"))
 
     class Rank1:

@@ -105,6 +105,21 @@ def compare(base, weights: str, group, shard=None) -> dict:
     return out
 
 
+def compiled(group) -> dict:
+    """The compiled runtime (torch.compile; the all-reduces inside its graphs) at tp=2 vs tp=1, the
+    lock-step loop on two rows of different lengths, on slimm-tiny (q/k/v biases, its one KV head
+    replicated): the vision stage runs eagerly and each runtime compiles one prefill and one decode graph."""
+    from vlmrt.runtimes.compiled import CompiledRuntime
+
+    options = {"max_batch": 2, "compile_vision": False, "max_seq": 256}
+    loaded = load_model("slimm-tiny")
+    t0 = time.perf_counter()
+    ref = lockstep(CompiledRuntime(replace(loaded, model=copy.deepcopy(loaded.model)), **options), loaded)
+    t1 = time.perf_counter()
+    tp = lockstep(LeaderRuntime(loaded, group, "compiled", options), loaded)
+    return {"tokens_equal": ref == tp, "lengths": [len(t) for t in tp], "seconds": [t1 - t0, time.perf_counter() - t1]}
+
+
 def main(out_path: str) -> None:
     children = spawn_ranks(2, ["run", "--model", "minigpt4-tiny", "--image", IMAGE, "--prompt", "x", "--tp", "2",
                                "--tp-timeout", str(TIMEOUT_S)])
@@ -124,6 +139,8 @@ def main(out_path: str) -> None:
             report["families"][f"qwen_vl-release/{weights}"] = r = compare(whole, weights, group, mine)
             r["rank0_sharded"] = mine.model.tp_shard == (0, 2)
             print(f"tp_worker: qwen_vl-release/{weights}: {r}", file=sys.stderr, flush=True)
+    report["compiled"] = compiled(group)
+    print(f"tp_worker: compiled: {report['compiled']}", file=sys.stderr, flush=True)
     try:
         LeaderRuntime(with_weights(base, parse_weights("int4")), group)
     except VlmrtError as e:

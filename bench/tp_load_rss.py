@@ -32,7 +32,7 @@ DECODER = {"vocab_size": 151657, "hidden_size": 896, "num_hidden_layers": 24, "n
 
 def config_json() -> dict:
     return {"architectures": ["SliMMForConditionalGeneration"], "model_type": "qwen2", **DECODER,
-            "rope_scaling": {"type": "default", "rope_type": "default", "mrope_section": [16, 24, 24]},
+            "rope_scaling": {"type": "default", "rope_type": "default", "mrope_section": [8, 12, 12]},
             "vision_config": VISION, "use_deepstack": False}
 
 

@@ -4,6 +4,7 @@ rows or columns of every split decoder weight. No group is needed: the shard pla
 the 2-rank group's run from a release folder is in tests/tp_worker.py."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,9 +12,9 @@ import torch
 from conftest import load_tiny
 from release_files import write_minigpt4_release
 from test_minicpmv import _write_release as write_minicpmv_release
+from test_qwen_vl import small_ranks
 from test_qwen_vl import write_release as write_qwen_release
-from test_slimm import _write_tiny_release as write_slimm_release
-from test_slimm import slimm_config_json
+from test_slimm import slimm_config_json, tiny_model
 from vlmrt.errors import VlmrtError
 from vlmrt.models import load_model
 from vlmrt.quantize import parse_weights, quantize_model
@@ -34,8 +35,22 @@ def _write(kind: str, folder):
     elif kind == "minicpmv":  # two safetensors shards with an index
         write_minicpmv_release(load_tiny("minicpm-v-tiny"), folder)
     else:  # slimm: one model.safetensors, one KV head (replicated on both ranks), q/k/v biases
-        write_slimm_release(folder, load_tiny("slimm-tiny").model, slimm_config_json())
+        _write_slimm_release(folder)
     return folder
+
+
+def _write_slimm_release(folder):
+    """slimm-tiny's weights in SliMM's layout, with a small tokenizer (loading reads any tokenizer.json;
+    slimm-tiny's own 151k-token one costs seconds per load)."""
+    from safetensors.torch import save_file
+
+    from vlmrt.models.qwen_vl import build_qwen_tokenizer
+
+    folder.mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in tiny_model().state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(slimm_config_json()))
+    build_qwen_tokenizer(small_ranks()).save_pretrained(str(folder))
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:

@@ -105,19 +105,25 @@ def compare(base, weights: str, group, shard=None) -> dict:
     return out
 
 
-def compiled(group) -> dict:
-    """The compiled runtime (torch.compile; the all-reduces inside its graphs) at tp=2 vs tp=1, the
-    lock-step loop on two rows of different lengths, on slimm-tiny (q/k/v biases, its one KV head
-    replicated): the vision stage runs eagerly and each runtime compiles one prefill and one decode graph."""
+def compiled(loaded, group, backend: str = "aot_eager") -> dict:
+    """The compiled runtime at tp=2 vs tp=1: the lock-step loop on two rows of different lengths on
+    `loaded` (minigpt4-tiny: its KV heads split), vision eager, one prefill and one decode graph per
+    runtime. aot_eager keeps this cheap on a cold cache: Dynamo and AOTAutograd trace the
+    functional all-reduce into the graph as Inductor's would (Inductor: bench/RESULTS.md)."""
+    from torch._dynamo.utils import counters
+
     from vlmrt.runtimes.compiled import CompiledRuntime
 
-    options = {"max_batch": 2, "compile_vision": False, "max_seq": 256}
-    loaded = load_model("slimm-tiny")
-    t0 = time.perf_counter()
-    ref = lockstep(CompiledRuntime(replace(loaded, model=copy.deepcopy(loaded.model)), **options), loaded)
-    t1 = time.perf_counter()
-    tp = lockstep(LeaderRuntime(loaded, group, "compiled", options), loaded)
-    return {"tokens_equal": ref == tp, "lengths": [len(t) for t in tp], "seconds": [t1 - t0, time.perf_counter() - t1]}
+    options = {"max_batch": 2, "compile_vision": False, "max_seq": 256, "backend": backend}
+    out = {}
+    for tp in (1, 2):
+        counters.clear()
+        t0 = time.perf_counter()
+        copied = replace(loaded, model=copy.deepcopy(loaded.model))
+        runtime = CompiledRuntime(copied, **options) if tp == 1 else LeaderRuntime(copied, group, "compiled", options)
+        out[tp] = lockstep(runtime, loaded), sum(counters["graph_break"].values()), time.perf_counter() - t0
+    return {"tokens_equal": out[1][0] == out[2][0], "lengths": [len(t) for t in out[2][0]],
+            "graph_breaks": [out[1][1], out[2][1]], "seconds": [out[1][2], out[2][2]]}
 
 
 def main(out_path: str) -> None:
@@ -125,8 +131,9 @@ def main(out_path: str) -> None:
                                "--tp-timeout", str(TIMEOUT_S)])
     group = init_group(2, "cpu", TIMEOUT_S)
     report = {"families": {}}
+    bases = {}
     for family, entry in FAMILY_TESTS.items():
-        base = load_model(entry["tiny"])  # one tokenizer per family: building one is slow
+        base = bases[family] = load_model(entry["tiny"])  # one tokenizer per family: building one is slow
         for weights in ("fp", "int8") if family in INT8_FAMILIES else ("fp",):
             report["families"][f"{family}/{weights}"] = r = compare(base, weights, group)
             print(f"tp_worker: {family}/{weights}: {r}", file=sys.stderr, flush=True)  # shown when the test fails
@@ -139,7 +146,7 @@ def main(out_path: str) -> None:
             report["families"][f"qwen_vl-release/{weights}"] = r = compare(whole, weights, group, mine)
             r["rank0_sharded"] = mine.model.tp_shard == (0, 2)
             print(f"tp_worker: qwen_vl-release/{weights}: {r}", file=sys.stderr, flush=True)
-    report["compiled"] = compiled(group)
+    report["compiled"] = compiled(bases["minigpt4"], group)
     print(f"tp_worker: compiled: {report['compiled']}", file=sys.stderr, flush=True)
     try:
         LeaderRuntime(with_weights(base, parse_weights("int4")), group)

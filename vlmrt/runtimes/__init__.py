@@ -4,7 +4,7 @@ A runtime offers `encode_images`, `embed`, `start(batch, max_seq)`, `decode(...)
 `synchronize()` (see `generate.StageRunner`), for the lock-step loop; a runtime that executes engine
 steps (vlmrt/engine.py) adds `allocate_slots(num_slots, max_seq)` and `run_step(StepInputs)`, and a
 compiled one `warmup()`. `build_runtime` makes one; in a tensor-parallel process (vlmrt/tp) the
-eager runtime it makes is rank 0's LeaderRuntime. Runtimes are looked up in a table and imported lazily,
+eager or compiled runtime it makes is rank 0's LeaderRuntime. Runtimes are looked up in a table and imported lazily,
 so the library imports without optional packages (onnxruntime) or a GPU.
 """
 

@@ -102,18 +102,20 @@ def encode_requests(runtime, batches: list[dict]) -> list:
     a batch of single images (`encode_images`). A prompt with several images (pixel_values
     [N,3,H,W], named inputs [N,...]) gets one row [1,sum Q_i,D]: each image cut to its
     `image_tokens` real features when the processor gives them (padding chunks), joined on the
-    token axis in order. Patch rows (SliMM's [N_patches,P] + grids) take every image of their
-    request in one call."""
+    token axis in order. Patch rows (SliMM's [N_patches,P] + grids), and an image whose named
+    inputs are not one row per image, take their request's call alone."""
     out: list = [None] * len(batches)
     images, owner = [], []  # single images, and (request, image index) of each
     for r, batch in enumerate(batches):
         pixels, named = batch.get("pixel_values"), vision_inputs(batch)
         if pixels is None:
             continue
-        if pixels.dim() != 4:
+        n = pixels.shape[0]
+        per_image = all(torch.is_tensor(v) and v.dim() and v.shape[0] == n for v in named.values())
+        if pixels.dim() != 4 or (n == 1 and not per_image):  # inputs not one row per image: the call alone
             out[r] = runtime.encode_images(pixels, **named)
             continue
-        for i in range(pixels.shape[0]):
+        for i in range(n):
             images.append((pixels[i:i + 1], {k: v[i:i + 1] for k, v in named.items()}))
             owner.append((r, i))
     feats = encode_images(runtime, images)

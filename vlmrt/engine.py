@@ -294,9 +294,11 @@ class Engine:
             self._prefill_alone(group, events)
         elif group:
             try:
-                self._prefill(group, events)
+                picks = self._prefill(group)
             except Exception:  # the batch's calls failed: find the request that fails alone
                 self._prefill_alone(group, events)
+                return
+            self._accept_first(group, picks, events)
 
     def _prefill_alone(self, group: list[_State], events: list[Event]) -> None:
         """Prefill the requests of `group` one by one. The first whose stage fails fails alone: an
@@ -304,7 +306,7 @@ class Engine:
         come with the next one); the requests after it go back to the front of the queue."""
         for i, s in enumerate(group):
             try:
-                self._prefill([s], events)
+                picks = self._prefill([s])
             except Exception:
                 for later in reversed(group[i + 1:]):  # not prefilled: back to the queue, before a compaction
                     del self.running[later.slot]
@@ -312,12 +314,13 @@ class Engine:
                     self.waiting.appendleft(later)
                 self._finish(s, "error", events)
                 raise
+            self._accept_first([s], picks, events)
 
     @torch.inference_mode()
-    def _prefill(self, group: list[_State], events: list[Event]) -> None:
+    def _prefill(self, group: list[_State]) -> list[tuple[int, TokenLogprob | None]]:
         """The vision stage over every image of `group` (vlmrt/engine_batch.py), then one prefill
-        call per contiguous run of their slots (at most the runtime's `prefill_rows` rows), then a
-        first token per request. Nothing is accepted until every call returned."""
+        call per contiguous run of their slots (at most the runtime's `prefill_rows` rows); returns
+        each request's first token (and its logprob when asked), accepted by the caller."""
         rt = self.runtime
         t0 = time.perf_counter()
         features = encode_requests(rt, [s.batch for s in group])
@@ -338,8 +341,13 @@ class Engine:
         t2 = time.perf_counter()
         self.timers["vision_s"] += t1 - t0
         self.timers["prefill_s"] += t2 - t1
-        for s, (token, logprob) in zip(group, picks):  # every row's state first: a finish may compact rows
+        for s in group:
             s.first_token = t2
+        return picks
+
+    def _accept_first(self, group: list[_State], picks: list, events: list[Event]) -> None:
+        """Every request's state is set (used, position) before any is accepted: a finish compacts rows."""
+        for s, (token, logprob) in zip(group, picks):
             self._accept(s, [token], events, logprob)
 
     def _prefill_inputs(self, run: list[_State], features: list) -> StepInputs:

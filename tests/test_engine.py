@@ -240,13 +240,13 @@ def _over(pipe, runtime, slots: int = 4) -> Engine:
 
 
 def test_requests_admitted_together_share_the_calls_and_get_their_solo_and_lockstep_tokens(pipe, photo):
-    """Three prompts of different lengths admitted in one step: one vision call for their three
-    images (patch rows: one per request), one prefill call over rows [0, 3) (padded rows: the float
-    mask path); a request joining two steps later prefills alone. Every request's tokens equal its
-    run alone and the lock-step loop's (a left-padded batch, generate.py); the three share a
-    first-token time, and the stage timers moved."""
+    """Three prompts of different lengths admitted in one step, the last text only: one vision call
+    for the two images (patch rows: one per request), one prefill call over rows [0, 3) (padded
+    rows: the float mask path; M-RoPE positions beside a text row's); a request joining two steps
+    later prefills alone. Every request's tokens equal its run alone and the lock-step loop's (a
+    left-padded batch, generate.py); the three share a first-token time, and the stage timers moved."""
     cfg = pipe.generation_config(max_new_tokens=6, stop_strings=(), stop_token_ids=())
-    reqs = [Request(p, photo, cfg) for p in PROMPTS]
+    reqs = [Request(p, im, cfg) for p, im in zip(PROMPTS, [photo, photo, None])]
     counter = CallCounter(pipe.runtime)
     engine = _over(pipe, counter)
     ids = [engine.add(r) for r in reqs]
@@ -259,13 +259,13 @@ def test_requests_admitted_together_share_the_calls_and_get_their_solo_and_locks
     for rid, evs in _drain(engine).items():
         events.setdefault(rid, []).extend(evs)
     rows = pipe.processor([photo], [PROMPTS[0]])["pixel_values"].dim() != 4
-    assert counter.vision == (["rows"] * 4 if rows else [3, 1])
+    assert counter.vision == (["rows"] * 3 if rows else [2, 1])
     assert counter.prefills == [(0, 3, False), (3, 4, True)]
     tokens = {rid: [t for ev in evs for t in ev.token_ids] for rid, evs in events.items()}
     alone = [_alone(pipe, r) for r in reqs]
     assert [tokens[i] for i in ids] == alone and tokens[late] == alone[1]
-    lockstep = generate(pipe.runtime, pipe.processor([photo] * 3, PROMPTS), cfg, pipe.processor.tokenizer)
-    assert lockstep.token_ids == alone
+    lockstep = generate(pipe.runtime, pipe.processor([photo] * 2, PROMPTS[:2]), cfg, pipe.processor.tokenizer)
+    assert lockstep.token_ids == alone[:2]
     assert len({s.first_token for s in states}) == 1
     assert all(s.first_token <= events[i][0].time for s, i in zip(states, ids))
     assert engine.timers["vision_s"] > 0 and engine.timers["prefill_s"] > 0
@@ -305,11 +305,22 @@ class _FailingVision(CallCounter):
         return out
 
 
+class _SingleImages(CallCounter):
+    """A runtime whose vision stage fails on more than one image a call (and says otherwise)."""
+
+    def encode_images(self, pixel_values, **named):
+        out = super().encode_images(pixel_values, **named)
+        if pixel_values.shape[0] > 1:
+            raise RuntimeError("one image a call")
+        return out
+
+
 def test_a_request_whose_stage_fails_fails_alone_when_admitted_with_others(photo):
     """The batched vision call fails, so the three requests are prefilled again one by one: the
     first runs, the bad one fails alone (an "error" event, its slot back, the exception out of the
     step), the third waits for the next step. The events of the failed step come with the next;
-    the others' tokens equal their runs alone."""
+    the others' tokens equal their runs alone. A batch that fails where each request runs alone (a
+    batching fault, not a bad request) runs them one by one, with a RuntimeWarning."""
     from PIL import Image
 
     pipe = Pipeline(load_tiny("minigpt4-tiny"))
@@ -328,3 +339,8 @@ def test_a_request_whose_stage_fails_fails_alone_when_admitted_with_others(photo
     tokens = {rid: [t for ev in evs for t in ev.token_ids] for rid, evs in events.items()}
     assert [tokens[ids[0]], tokens[ids[2]]] == [_alone(pipe, reqs[0]), _alone(pipe, reqs[2])]
     assert failing.prefills == [(0, 1, True), (1, 2, True)] and not engine.has_work()
+    single = _SingleImages(pipe.runtime)  # a batch fails where each alone runs: tokens as alone, and a warning
+    with pytest.warns(RuntimeWarning, match="3 requests admitted together failed as a batch"):
+        states = _over(pipe, single).run([reqs[0], reqs[2], reqs[0]])
+    assert [s.row.tokens for s in states] == [tokens[ids[0]], tokens[ids[2]], tokens[ids[0]]]
+    assert single.vision == [3, 1, 1, 1] and single.prefills == [(0, 1, True), (1, 2, True), (2, 3, True)]

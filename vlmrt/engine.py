@@ -41,6 +41,7 @@ Decisions:
 - Errors stay per request: should a batched stage call fail, the batch's requests are prefilled
   again one by one; the first whose own call fails gets an "error" event and its slot back, the
   exception leaves step() (its events come with the next step), those after it wait in the queue.
+  If each runs alone, the batch's error is a RuntimeWarning (a batching fault, seen, not hidden).
 - The pool's size comes from a memory budget (`kv_cache_gib`), not max_batch x context.
 - Beam search stays beside the engine (vlmrt/beam.py on the lock-step loop).
 """
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -295,8 +297,10 @@ class Engine:
         elif group:
             try:
                 picks = self._prefill(group)
-            except Exception:  # the batch's calls failed: find the request that fails alone
+            except Exception as e:  # the batch's calls failed: find the request that fails alone
                 self._prefill_alone(group, events)
+                warnings.warn(f"engine: {len(group)} requests admitted together failed as a batch ({type(e).__name__}: "
+                              f"{e}) but each ran alone; they were prefilled one by one", RuntimeWarning, stacklevel=2)
                 return
             self._accept_first(group, picks, events)
 

@@ -148,10 +148,13 @@ def runs(slots: list[int], most: int | None) -> list[list[int]]:
 
 def pad_prompts(embedded: list[tuple[torch.Tensor, dict]], positions: list[torch.Tensor]):
     """Per request inputs_embeds [1,L_i,D], extras {name: [...,1,L_i,D]} and positions [1,L_i] or
-    [3,1,L_i] -> right-padded to T = max L_i and joined: [n,T,D], {name: [...,n,T,D]}, [n,T] or [3,n,T]."""
+    [3,1,L_i] -> right-padded to T = max L_i and joined: [n,T,D], {name: [...,n,T,D]}, [n,T] or [3,n,T]
+    (a text-only prompt's [1,L] beside M-RoPE ones: [3,1,L], as the model expands text positions)."""
     t = max(e.shape[1] for e, _ in embedded)
     embeds = torch.cat([F.pad(e, (0, 0, 0, t - e.shape[1])) for e, _ in embedded])  # [n,T,D]
     extras = {k: torch.cat([F.pad(x[k], (0, 0, 0, t - x[k].shape[TOKEN_AXIS])) for _, x in embedded], dim=BATCH_AXIS)
               for k in embedded[0][1]}  # e.g. deepstack_embeds [K,n,T,D], zero past each row's prompt
+    if any(p.dim() == 3 for p in positions):  # M-RoPE beside a text-only prompt's [1,L]: its three components alike
+        positions = [p if p.dim() == 3 else p[None].expand(3, -1, -1) for p in positions]
     pos = torch.cat([F.pad(p, (0, t - p.shape[-1])) for p in positions], dim=-2)  # [n,T] or [3,n,T]
     return embeds, extras, pos

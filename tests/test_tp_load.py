@@ -19,7 +19,8 @@ from vlmrt.errors import VlmrtError
 from vlmrt.models import load_model
 from vlmrt.quantize import parse_weights, quantize_model
 from vlmrt.tp.runtime import sharded_runtime
-from vlmrt.tp.shard import Shard, shard_model
+from vlmrt.tp.group import Shard
+from vlmrt.tp.shard import shard_model
 
 SPLIT = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # always split at --tp 2 (k/v may be replicated)
 DECODER = (*SPLIT, "k_proj", "v_proj")

@@ -33,7 +33,7 @@ from vlmrt.runtimes.eager import EagerRuntime
 from vlmrt.tp.group import init_group
 from vlmrt.tp.launch import spawn_ranks
 from vlmrt.tp.runtime import LeaderRuntime
-from vlmrt.tp.shard import Shard
+from vlmrt.tp.group import Shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from families import FAMILY_TESTS  # noqa: E402

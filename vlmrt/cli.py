@@ -240,7 +240,7 @@ def cmd_serve(args) -> int:
     from vlmrt.pipeline import Pipeline
     from vlmrt.quantize import weights_from_args, with_weights
     from vlmrt.serve import CHAT_PATH, ServeOptions, make_server, require_serve_extra
-    from vlmrt.tp.shard import this_rank
+    from vlmrt.tp.group import this_rank  # model-free: an export loads no model code
 
     require_serve_extra()
     options = ServeOptions(max_queue=args.max_queue, max_body_mib=args.max_body_mib, body_timeout_s=args.body_timeout,

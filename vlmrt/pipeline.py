@@ -78,7 +78,7 @@ class Pipeline:
         """
         from vlmrt.models import load_model
         from vlmrt.quantize import with_weights
-        from vlmrt.tp.shard import this_rank
+        from vlmrt.tp.group import this_rank  # model-free: an export loads no model code
 
         shard = this_rank(weights)  # in a tensor-parallel group: this rank's shard only
         return cls(with_weights(load_model(model, device=device, dtype=dtype, seed=seed, shard=shard), weights), runtime,

@@ -90,7 +90,7 @@ def build_on(device: torch.device, dtype: torch.dtype, factory, shard=None):
     directly in `dtype` (cast while still on the meta device: a 7B fp16 model never exists in fp32).
 
     Tied parameters (e.g. lm_head.weight = embed_tokens.weight) stay tied: `to_empty` gives each
-    module its own new tensor, so the aliases are restored afterwards. A `shard` (vlmrt.tp.shard.Shard)
+    module its own new tensor, so the aliases are restored afterwards. A `shard` (vlmrt.tp.group.Shard)
     shards the decoder while it is on meta: only that rank's slices are ever allocated.
     """
     with torch.device("meta"):
@@ -249,7 +249,7 @@ def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], what: str, 
         model: the model (allocated, maybe sharded).
         state: full tensors by the unsharded model's names.
         what: the source, for errors.
-        shard: the vlmrt.tp.shard.Shard `model` was built with (its `row_absmax`: int8 scales).
+        shard: the vlmrt.tp.group.Shard `model` was built with (its `row_absmax`: int8 scales).
     """
     if shard is None:
         parts = {}

@@ -74,7 +74,7 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
         dtype: "fp32", "fp16" or "bf16".
         seed: seed of the synthetic weights (presets only).
         tokenizer: False: a preset comes without its tokenizer (None; a tensor-parallel follower needs none).
-        shard: a vlmrt.tp.shard.Shard: the model holds that rank's shard of the decoder (docs/tp.md
+        shard: a vlmrt.tp.group.Shard: the model holds that rank's shard of the decoder (docs/tp.md
             "Loading"); a release folder is read for that shard only, a preset is drawn whole and sliced.
     """
     from vlmrt.weights import build_on, init_synthetic

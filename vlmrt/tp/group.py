@@ -180,3 +180,31 @@ class Channel:
             raise VlmrtError(f"tensor parallel: rank {self.rank} lost rank 0 ({first_line(e)}); see rank 0's error") from None
         self.count += 1
         return message
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of the decoder one rank loads (vlmrt.models.load_model).
+
+    Args:
+        rank: this rank.
+        world: ranks in the group.
+        row_absmax: also read each row-parallel weight's per-row absmax over its full rows, in
+            blocks no bigger than the shard (int8 scales are per row over the full width).
+    """
+
+    rank: int
+    world: int
+    row_absmax: bool = False
+
+
+def this_rank(weights=None) -> Shard | None:
+    """The Shard this process loads: its rank's in an active group of several ranks, else None.
+
+    Args:
+        weights: the vlmrt.quantize.WeightConfig the runtime will apply (int8 needs `row_absmax`).
+    """
+    group = active()
+    if group is None or group.world == 1:
+        return None
+    return Shard(group.rank, group.world, row_absmax=weights is not None and weights.format == "int8")

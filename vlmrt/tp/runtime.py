@@ -25,8 +25,8 @@ from dataclasses import fields, is_dataclass, replace
 import torch
 
 from vlmrt.errors import VlmrtError
-from vlmrt.tp.group import TPGroup
-from vlmrt.tp.shard import Shard, check_row_scales, check_shardable, shard_model
+from vlmrt.tp.group import Shard, TPGroup
+from vlmrt.tp.shard import check_row_scales, check_shardable, shard_model
 
 REPLAYED = ("start", "decode", "allocate_slots", "run_step", "reorder", "warmup")  # methods followers run too
 RUNTIMES = ("eager", "compiled")  # the runtimes a rank can run its shard on

@@ -77,22 +77,6 @@ class RowParallel(nn.Module):
 
 
 @dataclass(frozen=True)
-class Shard:
-    """The part of the decoder one rank loads (vlmrt.models.load_model).
-
-    Args:
-        rank: this rank.
-        world: ranks in the group.
-        row_absmax: also read each row-parallel weight's per-row absmax over its full rows, in
-            blocks no bigger than the shard (int8 scales are per row over the full width).
-    """
-
-    rank: int
-    world: int
-    row_absmax: bool = False
-
-
-@dataclass(frozen=True)
 class Part:
     """Where a sharded parameter lies in the checkpoint's full tensor."""
 
@@ -101,20 +85,6 @@ class Part:
     start: int
     stop: int
     shape: tuple[int, ...]  # the full tensor's
-
-
-def this_rank(weights=None) -> Shard | None:
-    """The Shard this process loads: its rank's in an active group of several ranks, else None.
-
-    Args:
-        weights: the vlmrt.quantize.WeightConfig the runtime will apply (int8 needs `row_absmax`).
-    """
-    from vlmrt.tp.group import active
-
-    group = active()
-    if group is None or group.world == 1:
-        return None
-    return Shard(group.rank, group.world, row_absmax=weights is not None and weights.format == "int8")
 
 
 def check_plan(num_heads: int, num_kv_heads: int, intermediate: int, world: int) -> None:
@@ -254,7 +224,7 @@ def check_row_scales(model: nn.Module, weights) -> None:
     rows = [m.inner for m in model.modules() if isinstance(m, RowParallel) and isinstance(m.inner, nn.Linear)]
     if any(getattr(linear, "row_absmax", None) is None for linear in rows):
         raise VlmrtError("--quantize int8 on a tensor-parallel shard loaded without its row scales; load it with "
-                         "vlmrt.tp.shard.Shard(..., row_absmax=True) (vlmrt.tp.shard.this_rank(weights) does)")
+                         "vlmrt.tp.group.Shard(..., row_absmax=True) (vlmrt.tp.group.this_rank(weights) does)")
 
 
 def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:

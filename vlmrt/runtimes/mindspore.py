@@ -148,7 +148,7 @@ class MindSporeRuntime:
         self.programs = dict(self.lowered[1])
         self.num_layers, self.num_kv_heads, self.head_dim, self.max_context = (model.num_layers, model.num_kv_heads,
                                                                                model.head_dim, model.max_context)
-        self.kind = "stages lowered from the model code, graph mode (compiled per input shape)"
+        self.kind = "stages lowered from the model code, graph mode (one dynamic-shape graph per stage)"
 
     # ------------------------------------------------------------------------- running a graph
     def _call(self, stage: str, values: dict, dims: dict[str, int]) -> dict:

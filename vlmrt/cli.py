@@ -160,9 +160,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the export folder (absent or empty unless --force)")
     p.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
-    p.add_argument("--format", default="onnx", choices=["onnx", "aoti", "paddle", "stablehlo"],
-                   help="onnx graphs (default), AOTInductor .pt2 packages, Paddle Inference model files, or StableHLO "
-                        "(jax.export) artefacts per bucket")
+    p.add_argument("--format", default="onnx", choices=["onnx", "aoti", "paddle", "mindir", "stablehlo"],
+                   help="onnx graphs (default), AOTInductor .pt2 packages, Paddle Inference model files, MindSpore MINDIR "
+                        "graphs, or StableHLO (jax.export) artefacts per bucket")
     p.add_argument("--static-shapes", action="store_true", help="onnx: fixed shapes only, one graph per bucket (for Ascend ATC)")
     p.add_argument("--batch", help="--static-shapes or stablehlo: batch buckets, e.g. 1,4 (default 1)")
     p.add_argument("--seq", help="--static-shapes or stablehlo: sequence buckets, e.g. 128,512; the largest is the KV "
@@ -172,7 +172,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_export(args) -> int:
     """Export a model's vision, embedding and decoder stages (ONNX graphs, AOTInductor packages,
-    Paddle Inference model files or StableHLO artefacts),
+    Paddle Inference model files, MINDIR graphs or StableHLO artefacts),
     with the tokenizer and a manifest; `vlmrt run --model OUT ...` then runs it with no model code.
     fp16 is for GPU providers (ONNX Runtime's CPU kernels are fp32)."""
     from vlmrt.export import export

@@ -18,7 +18,7 @@ from vlmrt.engine import Engine, EngineOptions, Request
 from vlmrt.generate import StreamCallback, generate
 from vlmrt.processor import Processor
 
-EXPORT_KINDS = {"aoti": "an AOTInductor", "onnx": "an ONNX", "paddle": "a Paddle", "stablehlo": "a StableHLO"}  # manifest runtime -> words
+EXPORT_KINDS = {"aoti": "an AOTInductor", "mindspore": "a MINDIR", "onnx": "an ONNX", "paddle": "a Paddle", "stablehlo": "a StableHLO"}  # manifest runtime -> words
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Pipeline:
                  engine_options: EngineOptions | None = None):
         """Args:
             loaded: a `vlmrt.models.LoadedModel`.
-            runtime: "eager", "compiled", "onnx", "aoti", "jax", "paddle" or "stablehlo"; None: eager, or the runtime an export
+            runtime: "eager", "compiled", "onnx", "aoti", "jax", "paddle", "mindspore" or "stablehlo"; None: eager, or the runtime an export
                 folder's manifest names. An export asked to run on "eager" runs on its own runtime,
                 and `notes` says so.
             runtime_options: the runtime's constructor options.

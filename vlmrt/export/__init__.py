@@ -28,7 +28,8 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         seed: seed of the synthetic weights (presets only).
         progress: called with one line per step (None: silent).
         format: "onnx" (graphs for ONNX Runtime), "aoti" (AOTInductor .pt2 packages), "paddle" (Paddle
-            Inference model files, vlmrt/export/paddle.py) or "stablehlo" (jax.export artefacts per
+            Inference model files, vlmrt/export/paddle.py), "mindir" (MindSpore MINDIR graphs,
+            vlmrt/export/mindir.py) or "stablehlo" (jax.export artefacts per
             bucket, vlmrt/export/stablehlo.py; always static shapes).
         static_shapes: onnx only: fixed shapes, one graph per bucket (vlmrt/export/static.py).
         batch: static (and stablehlo) batch buckets, "1,4" (default 1).
@@ -46,12 +47,16 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         check_onnx_format(weights)
     if dtype not in EXPORT_DTYPES:
         raise VlmrtError(f"cannot export in {dtype!r}; use --dtype fp32 or fp16")
-    if format not in ("onnx", "aoti", "paddle", "stablehlo"):
-        raise VlmrtError(f"unknown export format {format!r}; use --format onnx, aoti, paddle or stablehlo")
+    if format not in ("onnx", "aoti", "paddle", "mindir", "stablehlo"):
+        raise VlmrtError(f"unknown export format {format!r}; use --format onnx, aoti, paddle, mindir or stablehlo")
     if format == "paddle":
         from vlmrt.runtimes.paddle import import_paddle
 
         import_paddle()  # before loading the model: a missing extra is a one-line error
+    if format == "mindir":
+        from vlmrt.runtimes.mindspore import import_mindspore
+
+        import_mindspore()
     if (batch or seq) and not static_shapes and format != "stablehlo":
         raise VlmrtError("--batch and --seq set the buckets of a static export; add --static-shapes")
     if static_shapes and format not in ("onnx", "stablehlo"):
@@ -72,6 +77,10 @@ def export(model: str, out: str | Path, dtype: str = "fp32", opset: int = DEFAUL
         from vlmrt.export.paddle import export_paddle_model
 
         return export_paddle_model(loaded, out, force=True, progress=progress)
+    if format == "mindir":
+        from vlmrt.export.mindir import export_mindir_model
+
+        return export_mindir_model(loaded, out, force=True, progress=progress)
     if format == "aoti":
         from vlmrt.export.aoti import export_aoti_model
 

@@ -7,7 +7,7 @@ still written for it and read; docs/export.md has a worked example):
  {
    "format": "vlmrt-onnx-export",        # fixed (also for AOTInductor packages)
    "format_version": 1 or 2,              # 2 when a v2 field is used; other values are refused
-   "runtime": "onnx" | "aoti" | "paddle" | "stablehlo",  # v2: the runtime that runs the folder (default "onnx")
+   "runtime": "onnx" | "aoti" | "paddle" | "mindspore" | "stablehlo",  # v2: the runtime that runs the folder (default "onnx")
    "vlmrt_version": "0.2.0", "exporter": "torch.onnx TorchScript, torch 2.13.0", "opset": 17,
    "model": {"name", "family", "synthetic", "seed", "config_hash", "dtype", "weights"},  # weights: fp, int8, int4-g32-asym ...
    "kv_cache": {"num_layers", "num_kv_heads", "head_dim", "max_context"},
@@ -119,7 +119,7 @@ class Manifest:
     vlmrt_version: str = ""
     exporter: str = ""
     opset: int = 0
-    runtime: str = "onnx"  # the runtime that runs this folder: "onnx", "aoti", "paddle" or "stablehlo"
+    runtime: str = "onnx"  # the runtime that runs this folder: "onnx", "aoti", "paddle", "mindspore" or "stablehlo"
     static: dict | None = None  # static-shape exports: {"batch": [...], "sequence": [...], "cache_len": S}
     graphs: tuple = ()  # GraphInfo per bucket (static, aoti and stablehlo exports); `stages` holds the first of each
     weights: str = "fp"  # the decoder's weight format (vlmrt.quantize.WeightConfig.tag): fp, int8, int4-g32-asym, ...

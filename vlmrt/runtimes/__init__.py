@@ -19,6 +19,7 @@ RUNTIMES = {  # name -> "module:Class", alphabetical
     "compiled": "vlmrt.runtimes.compiled:CompiledRuntime",
     "eager": "vlmrt.runtimes.eager:EagerRuntime",
     "jax": "vlmrt.runtimes.jax:JaxRuntime",
+    "mindspore": "vlmrt.runtimes.mindspore:MindSporeRuntime",
     "onnx": "vlmrt.runtimes.onnx:OnnxRuntime",
     "paddle": "vlmrt.runtimes.paddle:PaddleRuntime",
     "stablehlo": "vlmrt.runtimes.stablehlo:StableHloRuntime",

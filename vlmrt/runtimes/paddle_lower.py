@@ -21,80 +21,23 @@ that source into a static graph. The one place that knows how an ATen op reads i
 
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass
 
 import torch
 
-from vlmrt.errors import VlmrtError
-
-SKIPPED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default", "aten.sym_constrain_range_for_size.default",
-           "aten.sym_constrain_range.default", "aten._assert_async.msg"}  # checks only: no value
+from vlmrt.runtimes import aten_lower
+from vlmrt.runtimes.aten_lower import dtype_name
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.float32 -> "float32" (the dtype strings Paddle takes)."""
-    return str(dtype).replace("torch.", "")
+class Writer(aten_lower.Writer):
+    """Renders node arguments as Paddle source (dtypes as Paddle's strings)."""
+
+    framework = "Paddle"
+    cast_call = "paddle.cast"
 
 
-def _meta(x):
-    return x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-
-
-def _is_tensor(x) -> bool:
-    return isinstance(_meta(x), torch.Tensor)
-
-
-class Writer:
-    """Renders node arguments as Paddle source (Nodes by name, scalars and lists as literals)."""
-
-    def value(self, x) -> str:
-        if isinstance(x, torch.fx.Node):
-            return x.name
-        if isinstance(x, (list, tuple)):
-            return "[" + ", ".join(self.value(v) for v in x) + "]"
-        if isinstance(x, bool) or x is None:
-            return repr(x)
-        if isinstance(x, float):
-            return repr(x) if math.isfinite(x) else f"float('{x}')"
-        if isinstance(x, int):
-            return repr(x)
-        if isinstance(x, torch.dtype):
-            return repr(dtype_name(x))
-        raise VlmrtError(f"cannot write {type(x).__name__} {x!r} as a Paddle argument")
-
-    def cast(self, x, dtype: torch.dtype) -> str:
-        """x cast to `dtype` when it is a tensor of another dtype (scalars stay Python numbers)."""
-        m = _meta(x)
-        if isinstance(m, torch.Tensor) and m.dtype != dtype:
-            return f"paddle.cast({x.name}, {dtype_name(dtype)!r})"
-        if isinstance(m, (torch.SymInt, torch.SymFloat)):  # a size: a 0-D int64 tensor in the program
-            return f"paddle.cast({x.name}, {dtype_name(dtype)!r})"
-        if isinstance(x, bool) and dtype.is_floating_point:
-            return repr(float(x))
-        return self.value(x)
-
-
-def _compute_dtype(args) -> torch.dtype:
-    """The dtype torch computes an elementwise op in, from its operands (tensors by their example value)."""
-    probes = []
-    for a in args:
-        m = _meta(a)
-        if isinstance(m, torch.Tensor):
-            probes.append(torch.empty((0,) * min(m.dim(), 1), dtype=m.dtype))
-        elif isinstance(a, (bool, int, float)):
-            probes.append(a)
-        elif isinstance(m, (torch.SymInt, torch.SymFloat)):
-            probes.append(1 if isinstance(m, torch.SymInt) else 1.0)
-    if not any(isinstance(p, torch.Tensor) for p in probes):
-        return torch.float32
-    out = probes[0] if isinstance(probes[0], torch.Tensor) else torch.tensor(probes[0])
-    dtype = out.dtype
-    for p in probes[1:]:
-        dtype = torch.result_type(torch.empty(out.shape, dtype=dtype), p)
-        out = torch.empty(out.shape if not isinstance(p, torch.Tensor) or p.dim() <= out.dim() else p.shape, dtype=dtype)
-    return dtype
+_meta, _is_tensor, _compute_dtype, _defaults = (aten_lower.meta, aten_lower.is_tensor, aten_lower.compute_dtype,
+                                                aten_lower.schema_args)
 
 
 def _binary(fmt: str, compare: bool = False):
@@ -286,39 +229,12 @@ OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a Paddle e
     "aten.where.self": _where,
     "aten.sym_size.int": _call("paddle.shape({0})[{1}]"),
 }
-SYM_OPS = {operator.mul: "*", operator.add: "+", operator.sub: "-", operator.floordiv: "//"}  # on sizes
-
-
-def _defaults(node) -> tuple[list, dict]:
-    """A node's args with the schema's defaults filled in for the missing trailing ones."""
-    args, kwargs = list(node.args), dict(node.kwargs)
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:
-        for i, a in enumerate(schema.arguments):
-            if a.kwarg_only or i < len(args) or a.name in kwargs:
-                continue
-            if not a.has_default_value():
-                break
-            args.append(a.default_value)
-    return args, kwargs
+TABLE = "vlmrt/runtimes/paddle_lower.py OPS"
 
 
 def node_line(w: Writer, node, stage: str) -> str | None:
     """One node as `name = <paddle expression>` (None: a check with no value)."""
-    target = node.target
-    if target is operator.getitem:
-        return f"{node.name} = {node.args[0].name}[{node.args[1]}]"
-    if target in SYM_OPS:
-        a, b = node.args
-        return f"{node.name} = {w.value(a)} {SYM_OPS[target]} {w.value(b)}"
-    key = str(target)
-    if key in SKIPPED:
-        return None
-    if key not in OPS:
-        raise VlmrtError(f"the {stage} stage uses {key}, which the Paddle lowering does not know yet "
-                         "(vlmrt/runtimes/paddle_lower.py OPS); run it on another runtime")
-    args, kwargs = _defaults(node)
-    return f"{node.name} = {OPS[key](w, node, *args, **kwargs)}"
+    return aten_lower.node_line(w, node, stage, OPS, TABLE)
 
 
 @dataclass(frozen=True)
@@ -354,23 +270,7 @@ def lower_program(ep, input_names: list[str], output_names: list[str], stage: st
         stage: the stage, for messages and the header.
         model: the model name, for the header.
     """
-    sig, w = ep.graph_signature, Writer()
-    state = {**ep.state_dict, **getattr(ep, "constants", {})}
-    weights, user, lines = {}, [], []
-    for spec, node in zip(sig.input_specs, (n for n in ep.graph.nodes if n.op == "placeholder")):
-        if spec.kind.name == "USER_INPUT":
-            user.append(node)
-        elif node.users:
-            weights[node.name] = state[spec.target]
-    for node in ep.graph.nodes:
-        if node.op == "placeholder" and node.name in weights:
-            lines.append(f"{node.name} = self.{node.name}")
-        elif node.op == "call_function":
-            line = node_line(w, node, stage)
-            if line:
-                lines.append(line)
-        elif node.op == "output":
-            lines.append(f"return ({', '.join(w.value(v) for v in node.args[0])},)")
+    weights, user, lines = aten_lower.lower_nodes(ep, Writer(), stage, OPS, TABLE)
     specs = []
     for name, node in zip(input_names, user):
         val = node.meta["val"]

@@ -12,10 +12,10 @@ loop and the engine. A preset or release is lowered in process (vlmrt/runtimes/p
 ```
 
 Every program takes dynamic batch, sequence and cache dims (None in its input specs), so it is
-built once and serves every request. Stage outputs cross to torch (host copies) where the loop
-reads them: image features, embeddings, logits; the cache never does in the lock-step loop. The
-engine's pool stays in torch buffers (the engine compacts rows in place): each step copies its
-rows' cache to Paddle and back, as the jax runtime does.
+built once and serves every request. Stage outputs cross to torch (DLPack, then one copy) where the
+loop reads them: image features, embeddings, logits; the cache never does in the lock-step loop.
+The engine's pool stays in torch buffers (the engine compacts rows in place): a step copies the
+attention window of its rows to Paddle and writes back only the positions it wrote.
 """
 
 from __future__ import annotations

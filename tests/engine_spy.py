@@ -25,3 +25,25 @@ def spied(pipe, slots: int = 4) -> tuple[Engine, LogitSpy]:
     spy = LogitSpy(pipe.runtime)
     spy.engine = Engine(spy, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=slots))
     return spy.engine, spy
+
+
+class CallCounter:
+    """A runtime that notes the engine's vision calls (images per call; "rows" for patch rows) and
+    prefill calls ((start, stop, causal_prefill) each). Keyword arguments set capabilities
+    (`vision_batch`, `prefill_rows`) over the runtime's own."""
+
+    def __init__(self, runtime, **capabilities):
+        self.runtime, self.vision, self.prefills = runtime, [], []
+        self.__dict__.update(capabilities)
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def encode_images(self, pixel_values, **named):
+        self.vision.append(pixel_values.shape[0] if pixel_values.dim() == 4 else "rows")
+        return self.runtime.encode_images(pixel_values, **named)
+
+    def run_step(self, step):
+        if step.logits_at is not None:
+            self.prefills.append((step.start, step.stop, step.causal_prefill))
+        return self.runtime.run_step(step)

@@ -70,10 +70,14 @@ def test_each_call_picks_its_mask_kind(preset, photo, sdpa_calls):
              pipe.loaded.tokenizer)  # left-padded rows
     assert {c[0] for c in sdpa_calls} == {torch.float32} and sdpa_calls[0][1] > 1
     sdpa_calls.clear()
-    pipe([photo, photo], ["Hi", "Describe this image in detail."], cfg)  # the engine: each prompt prefilled alone
+    pipe([photo, photo], ["Hi", "Describe this image in detail."], cfg)  # the engine: one prefill, a padded row
     prefills = [c for c in sdpa_calls if c[1] > 1]
-    assert len(prefills) == 2 * layers and all(c[0] == "causal" and c[1] == c[2] for c in prefills)
+    assert len(prefills) == layers and {c[0] for c in prefills} == {torch.float32}
     assert {c[0] for c in sdpa_calls if c[1] == 1} == {torch.float32}
+    sdpa_calls.clear()
+    pipe([photo, photo], ["Hi", "Hi"], cfg)  # equal prompts: one unpadded prefill of both rows
+    prefills = [c for c in sdpa_calls if c[1] > 1]
+    assert len(prefills) == layers and all(c[0] == "causal" and c[1] == c[2] for c in prefills)
 
 
 @pytest.mark.parametrize("preset", ["minigpt4-tiny", "slimm-tiny"])

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from conftest import load_tiny
+from engine_spy import CallCounter
 from engine_spy import spied as _spied
 from families import FAMILY_TESTS
 from vlmrt.engine import Engine, EngineOptions, Request
 from vlmrt.errors import VlmrtError
-from vlmrt.generate import forced_logits
+from vlmrt.generate import forced_logits, generate
 from vlmrt.pipeline import Pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,3 +233,114 @@ def test_logprobs_are_the_raw_distribution_s_for_the_rows_that_ask_only(photo):
         pipe.generation_config(logprobs=-1)
     with pytest.raises(VlmrtError, match="beam search returns no token log-probabilities"):
         pipe.generation_config(logprobs=2, num_beams=2)
+
+
+def _over(pipe, runtime, slots: int = 4) -> Engine:
+    return Engine(runtime, pipe.processor, pipe.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=slots))
+
+
+def test_requests_admitted_together_share_the_calls_and_get_their_solo_and_lockstep_tokens(pipe, photo):
+    """Three prompts of different lengths admitted in one step, the last text only: one vision call
+    for the two images (patch rows: one per request), one prefill call over rows [0, 3) (padded
+    rows: the float mask path; M-RoPE positions beside a text row's); a request joining two steps
+    later prefills alone. Every request's tokens equal its run alone and the lock-step loop's (a
+    left-padded batch, generate.py); the three share a first-token time, and the stage timers moved."""
+    cfg = pipe.generation_config(max_new_tokens=6, stop_strings=(), stop_token_ids=())
+    reqs = [Request(p, im, cfg) for p, im in zip(PROMPTS, [photo, photo, None])]
+    counter = CallCounter(pipe.runtime)
+    engine = _over(pipe, counter)
+    ids = [engine.add(r) for r in reqs]
+    states = [engine._live[i] for i in ids]
+    events: dict[int, list] = {}
+    for _ in range(2):
+        for ev in engine.step():
+            events.setdefault(ev.request_id, []).append(ev)
+    late = engine.add(Request(PROMPTS[1], photo, cfg))
+    for rid, evs in _drain(engine).items():
+        events.setdefault(rid, []).extend(evs)
+    rows = pipe.processor([photo], [PROMPTS[0]])["pixel_values"].dim() != 4
+    assert counter.vision == (["rows"] * 3 if rows else [2, 1])
+    assert counter.prefills == [(0, 3, False), (3, 4, True)]
+    tokens = {rid: [t for ev in evs for t in ev.token_ids] for rid, evs in events.items()}
+    alone = [_alone(pipe, r) for r in reqs]
+    assert [tokens[i] for i in ids] == alone and tokens[late] == alone[1]
+    lockstep = generate(pipe.runtime, pipe.processor([photo] * 2, PROMPTS[:2]), cfg, pipe.processor.tokenizer)
+    assert lockstep.token_ids == alone[:2]
+    assert len({s.first_token for s in states}) == 1
+    assert all(s.first_token <= events[i][0].time for s, i in zip(states, ids))
+    assert engine.timers["vision_s"] > 0 and engine.timers["prefill_s"] > 0
+
+
+def test_a_runtime_gets_the_images_and_rows_it_takes_and_the_image_cache_one_entry_per_image(photo):
+    """A runtime that takes 2 images a vision call and 2 rows a prefill call gets 3 admitted requests
+    as 2 + 1 of each; behind the image cache, one call runs the 2 distinct images (the photo twice is
+    one entry), and asking again runs none. Tokens equal each request's alone."""
+    from PIL import Image
+
+    from vlmrt.image_cache import CachedVision
+
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    cfg = pipe.generation_config(max_new_tokens=4, stop_strings=(), stop_token_ids=())
+    reqs = [Request(PROMPTS[0], photo, cfg), Request(PROMPTS[1], Image.new("RGB", (80, 60), (200, 40, 20)), cfg),
+            Request(PROMPTS[2], photo, cfg)]
+    alone = [_alone(pipe, r) for r in reqs]
+    counter = CallCounter(pipe.runtime, vision_batch=2, prefill_rows=2)
+    assert [s.row.tokens for s in _over(pipe, counter).run(reqs)] == alone
+    assert counter.vision == [2, 1] and counter.prefills == [(0, 2, False), (2, 3, True)]
+    cache = CachedVision(CallCounter(pipe.runtime), 1 << 26)
+    engine = _over(pipe, cache)
+    assert [s.row.tokens for s in engine.run(reqs)] == alone
+    assert cache.runtime.vision == [2] and (cache.misses, cache.hits, len(cache.entries)) == (2, 1, 2)
+    assert [s.row.tokens for s in engine.run(reqs)] == alone
+    assert cache.runtime.vision == [2] and (cache.misses, cache.hits) == (2, 4)
+
+
+class _FailingVision(CallCounter):
+    """A runtime whose vision stage fails on an image of one colour (every channel constant)."""
+
+    def encode_images(self, pixel_values, **named):
+        out = super().encode_images(pixel_values, **named)
+        if (pixel_values.amax(dim=(-1, -2)) == pixel_values.amin(dim=(-1, -2))).all(-1).any():
+            raise RuntimeError("bad image")
+        return out
+
+
+class _SingleImages(CallCounter):
+    """A runtime whose vision stage fails on more than one image a call (and says otherwise)."""
+
+    def encode_images(self, pixel_values, **named):
+        out = super().encode_images(pixel_values, **named)
+        if pixel_values.shape[0] > 1:
+            raise RuntimeError("one image a call")
+        return out
+
+
+def test_a_request_whose_stage_fails_fails_alone_when_admitted_with_others(photo):
+    """The batched vision call fails, so the three requests are prefilled again one by one: the
+    first runs, the bad one fails alone (an "error" event, its slot back, the exception out of the
+    step), the third waits for the next step. The events of the failed step come with the next;
+    the others' tokens equal their runs alone. A batch that fails where each request runs alone (a
+    batching fault, not a bad request) runs them one by one, with a RuntimeWarning."""
+    from PIL import Image
+
+    pipe = Pipeline(load_tiny("minigpt4-tiny"))
+    cfg = pipe.generation_config(max_new_tokens=4, stop_strings=(), stop_token_ids=())
+    reqs = [Request(PROMPTS[0], photo, cfg), Request(PROMPTS[1], Image.new("RGB", (64, 64)), cfg),
+            Request(PROMPTS[2], photo, cfg)]
+    failing = _FailingVision(pipe.runtime)
+    engine = _over(pipe, failing)
+    ids = [engine.add(r) for r in reqs]
+    with pytest.raises(RuntimeError, match="bad image"):
+        engine.step()
+    assert failing.vision == [3, 1, 1] and failing.prefills == [(0, 1, True)]
+    assert [s.id for s in engine.running.values()] == ids[:1] and [s.id for s in engine.waiting] == ids[2:]
+    events = _drain(engine)
+    assert [(ev.token_ids, ev.finished) for ev in events[ids[1]]] == [([], "error")]
+    tokens = {rid: [t for ev in evs for t in ev.token_ids] for rid, evs in events.items()}
+    assert [tokens[ids[0]], tokens[ids[2]]] == [_alone(pipe, reqs[0]), _alone(pipe, reqs[2])]
+    assert failing.prefills == [(0, 1, True), (1, 2, True)] and not engine.has_work()
+    single = _SingleImages(pipe.runtime)  # a batch fails where each alone runs: tokens as alone, and a warning
+    with pytest.warns(RuntimeWarning, match="3 requests admitted together failed as a batch"):
+        states = _over(pipe, single).run([reqs[0], reqs[2], reqs[0]])
+    assert [s.row.tokens for s in states] == [tokens[ids[0]], tokens[ids[2]], tokens[ids[0]]]
+    assert single.vision == [3, 1, 1, 1] and single.prefills == [(0, 1, True), (1, 2, True), (2, 3, True)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import load_tiny
+from engine_spy import CallCounter
 from engine_spy import spied as _spied
 from families import FAMILY_TESTS
 from onnx_exports import exported
@@ -73,6 +74,21 @@ def test_a_request_joining_a_running_batch_gets_its_solo_tokens_and_eagers_logit
     for step, (ours, theirs) in enumerate(zip(joined, reference)):
         err = tensor_error(theirs, ours)
         assert err["rel"] <= RTOL, f"{'prefill' if step == 0 else f'decode step {step}'} logits: {err}"
+
+
+def test_requests_admitted_together_share_the_calls_and_get_their_solo_and_eagers_tokens(pipes, photo):
+    """On onnx, three prompts of different lengths admitted in one step go through one vision call
+    (the export's dynamic batch; patch rows: one per request) and one padded prefill call over rows
+    [0, 3); their tokens equal each one's run alone on onnx and the eager engine's."""
+    eager, onnx = pipes
+    cfg = onnx.generation_config(max_new_tokens=5, stop_strings=(), stop_token_ids=())
+    reqs = [Request(p, photo, cfg) for p in PROMPTS]
+    counter = CallCounter(onnx.runtime)
+    engine = Engine(counter, onnx.processor, onnx.generation_config(), EngineOptions(kv_cache_gib=0.25, max_slots=3))
+    tokens = [s.row.tokens for s in engine.run(reqs)]
+    rows = onnx.processor([photo], [PROMPTS[0]])["pixel_values"].dim() != 4
+    assert counter.vision == (["rows"] * 3 if rows else [3]) and counter.prefills == [(0, 3, False)]
+    assert tokens == [_solo(onnx, r)[0] for r in reqs] == [_solo(eager, r)[0] for r in reqs]
 
 
 def test_the_pool_is_written_in_place_like_eagers(pipes, photo):

@@ -9,8 +9,9 @@ per running request (vlmrt/kv_cache.py `SlotKVCache`).
  add(request) ─► processor (tokens, pixels) ─► length check ─► waiting (FIFO) ─┐
  abort(id) ─► free its slot now; an "abort" event at the next step             │
                                                                                ▼
- step():  1. admit: while a slot is free, pop a waiting request (max_prefills per step at most):
-              vision ─► embed ─► prefill [1,L] at slots 0..L-1 of its row ─► sample token 0
+ step():  1. admit: pop waiting requests into free slots (max_prefills per step at most), together:
+              vision over all their images ─► embed each ─► one prefill [n,T] over their run of
+              rows, right-padded to the longest (vlmrt/engine_batch.py) ─► sample token 0 of each
           2. decode every running row in one call over pool rows [0, n):
               token [n] ─► embed ─► decode(positions [n,1], cache_position [n,1], mask [n,S+1],
                                             window: the longest row + 1; see attention_window)
@@ -29,10 +30,18 @@ Decisions:
   rows are always the slots [0, n) and a decode call covers them as one view of the pool: writes
   are in place, nothing is gathered, no padding row is computed (a compiled runtime pads n up to
   its bucket; those rows write only to their scratch position).
-- Each new request is prefilled alone ([1,L], no padding), so its prefill never depends on its
-  neighbours; decode rows never mix (attention and every matmul are per row), and the sampler of a
+- The requests admitted in one step share the vision call (images of one shape as one batch) and
+  the prefill call (their slots are consecutive: rows [n, n+k) of the pool), as the lock-step loop
+  batches them; a runtime says how many images and rows it takes a call (`vision_batch`,
+  `prefill_rows`; absent: one, each request alone). Prefill rows never mix (attention is per row,
+  padding is masked or overwritten before it is valid), nor do decode rows, and the sampler of a
   row uses that row's logits, history and generator only. Hence the invariant the tests check: a
-  request's tokens are the same alone or joining a running batch at any step.
+  request's tokens are the same alone, admitted with others, or joining a running batch at any step
+  (a padded row takes the float-mask path instead of SDPA's is_causal: logits equal to rounding).
+- Errors stay per request: should a batched stage call fail, the batch's requests are prefilled
+  again one by one; the first whose own call fails gets an "error" event and its slot back, the
+  exception leaves step() (its events come with the next step), those after it wait in the queue.
+  If each runs alone, the batch's error is a RuntimeWarning (a batching fault, seen, not hidden).
 - The pool's size comes from a memory budget (`kv_cache_gib`), not max_batch x context.
 - Beam search stays beside the engine (vlmrt/beam.py on the lock-step loop).
 """
@@ -41,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +59,8 @@ import torch
 
 from vlmrt.config import GenerationConfig
 from vlmrt.errors import VlmrtError
-from vlmrt.generate import RowText, byte_piece_ids, prompt_positions, sample_next_token, split_embedded, vision_inputs
+from vlmrt.engine_batch import capability, encode_requests, pad_prompts, runs
+from vlmrt.generate import RowText, byte_piece_ids, prompt_positions, sample_next_token, split_embedded
 from vlmrt.kv_cache import default_kv_budget, slot_bytes, slots_for_budget
 
 
@@ -204,7 +215,11 @@ class Engine:
     def step(self) -> list[Event]:
         """Admit waiting requests (prefill), decode every running one by a token; return the events."""
         events, self.pending = self.pending, []
-        self._admit(events)
+        try:
+            self._admit(events)
+        except Exception:  # a request's stage failed (it alone: see _admit): this step's events come next step
+            self.pending = events + self.pending
+            raise
         if self.running:
             self._decode(events)
         return events
@@ -266,63 +281,97 @@ class Engine:
         return []
 
     def _admit(self, events: list[Event]) -> None:
+        """Pop waiting requests into free slots (the lowest first: a contiguous run, since running
+        rows are [0, n)) and prefill them together (`_prefill`). Should a stage fail for the batch,
+        each of its requests is prefilled again alone (`_prefill_alone`), so that only a request
+        whose own stage fails fails."""
         free = [r for r in range(self.num_slots) if r not in self.running][:max(self.options.max_prefills, 1)]
-        while self.waiting and free:
+        group: list[_State] = []
+        while self.waiting and len(group) < len(free):
             s = self.waiting.popleft()
-            s.slot = free.pop(0)
+            s.slot = free[len(group)]
             self.running[s.slot] = s
+            group.append(s)
+        if len(group) == 1:
+            self._prefill_alone(group, events)
+        elif group:
             try:
-                self._prefill(s, events)
-            except Exception:  # a failing stage fails this request only: its slot is freed, the engine lives on
+                picks = self._prefill(group)
+            except Exception as e:  # the batch's calls failed: find the request that fails alone
+                self._prefill_alone(group, events)
+                warnings.warn(f"engine: {len(group)} requests admitted together failed as a batch ({type(e).__name__}: "
+                              f"{e}) but each ran alone; they were prefilled one by one", RuntimeWarning, stacklevel=2)
+                return
+            self._accept_first(group, picks, events)
+
+    def _prefill_alone(self, group: list[_State], events: list[Event]) -> None:
+        """Prefill the requests of `group` one by one. The first whose stage fails fails alone: an
+        "error" event, its slot freed, the exception raised (out of step(); this step's events
+        come with the next one); the requests after it go back to the front of the queue."""
+        for i, s in enumerate(group):
+            try:
+                picks = self._prefill([s])
+            except Exception:
+                for later in reversed(group[i + 1:]):  # not prefilled: back to the queue, before a compaction
+                    del self.running[later.slot]
+                    later.slot = -1
+                    self.waiting.appendleft(later)
                 self._finish(s, "error", events)
                 raise
+            self._accept_first([s], picks, events)
 
     @torch.inference_mode()
-    def _prefill(self, s: _State, events: list[Event]) -> None:
-        rt, batch, L = self.runtime, s.batch, s.length
+    def _prefill(self, group: list[_State]) -> list[tuple[int, TokenLogprob | None]]:
+        """The vision stage over every image of `group` (vlmrt/engine_batch.py), then one prefill
+        call per contiguous run of their slots (at most the runtime's `prefill_rows` rows); returns
+        each request's first token (and its logprob when asked), accepted by the caller."""
+        rt = self.runtime
         t0 = time.perf_counter()
-        features = self._encode(batch)
+        features = encode_requests(rt, [s.batch for s in group])
         rt.synchronize()
         t1 = time.perf_counter()
-        embeds, extras = split_embedded(rt.embed(batch["input_ids"], features))  # [1,L,D]
-        positions = prompt_positions(batch).to(self.mask.device).clone()  # [1,L] or [3,1,L]; an inference tensor
-        self.mask[s.slot].zero_()
-        self.mask[s.slot, :L] = 1
-        device = self.mask.device
-        step = StepInputs(s.slot, s.slot + 1, embeds, positions, torch.arange(L, device=device)[None],
-                          self.mask[s.slot:s.slot + 1], torch.tensor([L - 1], device=device), extras, L,
-                          causal_prefill=True)  # a prompt alone at positions 0..L-1 of an empty row
-        logits = rt.run_step(step)  # [1,V]
-        s.used, s.position = L, int(positions[..., -1].max()) + 1
-        token = sample_next_token(logits.to(device), s.history[:, :0], s.config, s.generator)
-        asked = s.config.logprobs
-        logprob = None if asked is None else token_logprobs(logits.to(device), token, [asked])[0]
+        logits: list[torch.Tensor] = [None] * len(group)  # [1,V] per request
+        for run in runs([s.slot for s in group], capability(rt, "prefill_rows")):
+            out = rt.run_step(self._prefill_inputs([group[i] for i in run], [features[i] for i in run]))  # [n,V]
+            for j, i in enumerate(run):
+                logits[i] = out[j:j + 1].to(self.mask.device)
+        picks = []
+        for s, x in zip(group, logits):
+            s.used = s.length
+            token = sample_next_token(x, s.history[:, :0], s.config, s.generator)
+            asked = s.config.logprobs
+            picks.append((int(token[0]), None if asked is None else token_logprobs(x, token, [asked])[0]))
         rt.synchronize()
         t2 = time.perf_counter()
         self.timers["vision_s"] += t1 - t0
         self.timers["prefill_s"] += t2 - t1
-        s.first_token = t2
-        self._accept(s, [int(token[0])], events, logprob)
+        for s in group:
+            s.first_token = t2
+        return picks
 
-    def _encode(self, batch: dict):
-        """The vision stage's output for a one-row batch (None: text only). Several images of the
-        prompt as a batch of images (pixel_values [N,3,H,W], named vision inputs [N,...]) go through
-        it one at a time, as the single images a compiled vision graph and the image cache know,
-        each cut to its `image_tokens` real features when the processor gives them (padding
-        chunks), and come out as one row [1,sum Q_i,D], in order (each output tensor joined on its
-        token axis, -2). Patch rows (SliMM's [N_patches,P] + grids) take every image in one call."""
-        pixels, rt, named = batch.get("pixel_values"), self.runtime, vision_inputs(batch)
-        if pixels is None:
-            return None
-        if pixels.dim() != 4 or pixels.shape[0] == batch["input_ids"].shape[0]:
-            return rt.encode_images(pixels, **named)
-        counts = batch.get("image_tokens")  # [N] or None (every feature is real)
-        feats = [rt.encode_images(pixels[i:i + 1], **{k: v[i:i + 1] for k, v in named.items()})  # [1,Q_i,D]
-                 for i in range(pixels.shape[0])]
-        cut = (lambda t, i: t[..., :int(counts[i]), :]) if counts is not None else (lambda t, i: t)
-        if isinstance(feats[0], dict):  # e.g. {image_features [1,Q,D], deepstack_features [K,1,Q,D]}
-            return {k: torch.cat([cut(f[k], i) for i, f in enumerate(feats)], dim=-2) for k in feats[0]}
-        return torch.cat([cut(f, i) for i, f in enumerate(feats)], dim=-2)  # [1,sum Q_i,D]
+    def _accept_first(self, group: list[_State], picks: list, events: list[Event]) -> None:
+        """Every request's state is set (used, position) before any is accepted: a finish compacts rows."""
+        for s, (token, logprob) in zip(group, picks):
+            self._accept(s, [token], events, logprob)
+
+    def _prefill_inputs(self, run: list[_State], features: list) -> StepInputs:
+        """One prefill call over the consecutive slots of `run`: prompts right-padded to the longest,
+        at positions 0..T-1 of their empty rows (see vlmrt/engine_batch.py)."""
+        rt, device = self.runtime, self.mask.device
+        embedded, positions = [], []
+        for s, f in zip(run, features):
+            embedded.append(split_embedded(rt.embed(s.batch["input_ids"], f)))  # [1,L,D], extras [...,1,L,D]
+            p = prompt_positions(s.batch).to(device)  # [1,L] or [3,1,L]
+            positions.append(p)
+            s.position = int(p[..., -1].max()) + 1
+            self.mask[s.slot].zero_()
+            self.mask[s.slot, :s.length] = 1
+        embeds, extras, positions = pad_prompts(embedded, positions)  # [n,T,D], {[...,n,T,D]}, [n,T] / [3,n,T]
+        (n, t), lengths = embeds.shape[:2], [s.length for s in run]
+        a = run[0].slot
+        return StepInputs(a, a + n, embeds, positions, torch.arange(t, device=device).repeat(n, 1), self.mask[a:a + n],
+                          torch.tensor(lengths, device=device) - 1, extras, t,
+                          causal_prefill=min(lengths) == t)  # no row padded: plain causal attention
 
     # ------------------------------------------------------------------ decode
     @torch.inference_mode()

@@ -3,7 +3,8 @@ fp32), under the same schedule of requests.
 
 ```
  requests (different prompts and answer lengths: rows join, finish and are compacted)
-   reference engine ─► every run_step: prefill [1,V] of each admitted request, decode [n,V] per step
+   reference engine ─► every run_step: prefill [1,V] of each admitted request (a batched prefill
+                       call [n,V] counts as its n rows, in slot order), decode [n,V] per step
    runtime engine   ─► the same calls, in the same order (same requests, same options: same schedule)
                  ▼                       ▼
    "engine_prefill_k" (k-th prefill)   "engine_decode_step_k" (k-th decode call, all its rows)
@@ -34,8 +35,11 @@ class _StepSpy:
 
     def run_step(self, step):
         out = self.runtime.run_step(step)
-        kind = "prefill" if step.logits_at is not None else "decode"
-        self.calls.append((kind, out.detach().float().cpu()))  # [n,V]
+        out_cpu = out.detach().float().cpu()  # [n,V]
+        if step.logits_at is None:
+            self.calls.append(("decode", out_cpu))
+        else:  # a prefill call of n admitted requests counts as n prefills (runtimes batch them differently)
+            self.calls.extend(("prefill", row[None]) for row in out_cpu)
         return out
 
 

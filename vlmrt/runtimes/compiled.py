@@ -169,6 +169,8 @@ class CompiledRuntime:
     """Static cache + torch.compile + CUDA graphs; the interface of `EagerRuntime`."""
 
     name = "compiled"
+    vision_batch = 1  # the engine's batches (vlmrt/engine_batch.py): warm-up builds batch-1 vision and a one-row
+    prefill_rows = 1  # prefill graph; serving compiles nothing, so each image and prompt goes alone
 
     def __init__(self, loaded, **options):
         """Args:

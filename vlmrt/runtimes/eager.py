@@ -12,6 +12,8 @@ from vlmrt.models.layers import is_fresh_prefill
 
 class EagerRuntime:
     name = "eager"
+    vision_batch = None  # the engine's batches (vlmrt/engine_batch.py): any number of images a vision call,
+    prefill_rows = None  # and of rows a prefill call
 
     def __init__(self, loaded):
         """Args: loaded: a `vlmrt.models.LoadedModel`."""

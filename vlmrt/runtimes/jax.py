@@ -122,6 +122,8 @@ class JaxRuntime:
     """
 
     name = "jax"
+    vision_batch = None  # the engine's batches (vlmrt/engine_batch.py): any number of images a vision call and
+    prefill_rows = None  # of rows a prefill call (each new shape compiles once, as each prompt length does)
 
     def __init__(self, loaded, fast_compile: bool = False):
         if loaded.export_dir is not None:

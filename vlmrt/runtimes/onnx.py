@@ -126,6 +126,8 @@ class OnnxRuntime:
     """
 
     name = "onnx"
+    vision_batch = None  # the engine's batches (vlmrt/engine_batch.py): the graphs' batch axis is dynamic, so
+    prefill_rows = None  # any number of images a vision call and of rows a prefill call
 
     def __new__(cls, loaded, *args, **kwargs):
         """A static-shape export (manifest `static`) runs on the bucketed subclass."""

@@ -104,6 +104,8 @@ class PaddleRuntime:
     """
 
     name = "paddle"
+    vision_batch = None  # the engine's batches (vlmrt/engine_batch.py): any number of images a vision call
+    prefill_rows = None  # and of rows a prefill call (the programs' batch axis is dynamic)
 
     def __init__(self, loaded, threads: int | None = None):
         paddle = import_paddle()

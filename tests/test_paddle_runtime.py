@@ -172,6 +172,23 @@ def test_an_op_the_lowering_does_not_know_is_named():
         lower_program(ep, ["pixel_values"], ["image_features"], "vision", "odd")
 
 
+@needs_paddle
+def test_linear_layers_read_their_weights_transposed_not_copied(tmp_path):
+    """torch.export writes a linear layer as mm(x, permute(weight)): the lowering gives the matmul
+    transpose_y and writes no transpose (Paddle ran it as a weight copy at every call)."""
+    from vlmrt.runtimes.paddle import to_paddle
+    from vlmrt.runtimes.paddle_lower import build_layer, lower_program
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4, bias=False)).eval()
+    x = torch.randn(2, 3, 8)
+    ep = torch.export.export(lin, (x,)).run_decompositions()
+    lowered = lower_program(ep, ["pixel_values"], ["image_features"], "vision", "linear")
+    assert lowered.source.count("transpose_y=True") == 2 and "paddle.transpose" not in lowered.source
+    out = build_layer(lowered, tmp_path, "linear")(to_paddle(x))[0]
+    torch.testing.assert_close(torch.from_dlpack(out), lin(x), rtol=1e-5, atol=1e-6)
+
+
 def test_missing_extra_names_it(monkeypatch):
     """Without paddle installed, the runtime and the export format say which extra to install."""
     from vlmrt.export import export

@@ -240,6 +240,7 @@ def cmd_serve(args) -> int:
     from vlmrt.pipeline import Pipeline
     from vlmrt.quantize import weights_from_args, with_weights
     from vlmrt.serve import CHAT_PATH, ServeOptions, make_server, require_serve_extra
+    from vlmrt.tp.shard import this_rank
 
     require_serve_extra()
     options = ServeOptions(max_queue=args.max_queue, max_body_mib=args.max_body_mib, body_timeout_s=args.body_timeout,
@@ -249,7 +250,8 @@ def cmd_serve(args) -> int:
                            image_fetch_timeout_s=args.image_fetch_timeout)
     options.check()  # before a model load that may take minutes
     weights = weights_from_args(args)
-    loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed), weights)
+    shard = this_rank(weights)  # in a tensor-parallel group: this rank's shard only
+    loaded = with_weights(load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed, shard=shard), weights)
     runtime_options = {"max_batch": args.max_batch} if args.runtime == "compiled" else None
     pipe = Pipeline(loaded, args.runtime, runtime_options, EngineOptions(kv_cache_gib=args.kv_cache_gib))
     watch_compiles(pipe.runtime)

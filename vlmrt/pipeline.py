@@ -78,8 +78,10 @@ class Pipeline:
         """
         from vlmrt.models import load_model
         from vlmrt.quantize import with_weights
+        from vlmrt.tp.shard import this_rank
 
-        return cls(with_weights(load_model(model, device=device, dtype=dtype, seed=seed), weights), runtime,
+        shard = this_rank(weights)  # in a tensor-parallel group: this rank's shard only
+        return cls(with_weights(load_model(model, device=device, dtype=dtype, seed=seed, shard=shard), weights), runtime,
                    engine_options=EngineOptions(kv_cache_gib=kv_cache_gib))
 
     def generation_config(self, **overrides) -> GenerationConfig:

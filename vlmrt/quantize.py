@@ -153,11 +153,16 @@ class Int8Linear(LinearMethod):
 
     name = "int8"
 
-    def quantize(self, weight):
+    def quantize(self, weight, absmax: torch.Tensor | None = None):
+        """`absmax` [N]: each row's absmax over the full width, for a row-parallel slice of the weight
+        (vlmrt.tp), whose per-channel scales are those of its full rows."""
         w = weight.float()
         gs = self.cfg.group_size or w.shape[1]
         g = w.reshape(w.shape[0], -1, gs)  # [N,G,gs]
-        scale = (g.abs().amax(-1) / 127).clamp(min=1e-12).to(torch.bfloat16)  # [N,G], as the kernel reads it
+        if absmax is not None and self.cfg.group_size:
+            raise VlmrtError("a row-parallel slice has per-channel int8 scales only, not int8-gN")
+        amax = g.abs().amax(-1) if absmax is None else absmax.float().reshape(-1, 1)  # [N,G]
+        scale = (amax / 127).clamp(min=1e-12).to(torch.bfloat16)  # [N,G], as the kernel reads it
         q = torch.round(g / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)  # [N,G,gs]
         if not self.cfg.group_size:
             return {"qweight": q.reshape(w.shape).contiguous(), "scales": scale[:, 0].contiguous()}
@@ -243,7 +248,10 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.method, self.in_features, self.out_features = method, linear.in_features, linear.out_features
         self._names = []
-        for name, t in method.quantize(linear.weight.detach()).items():
+        absmax = getattr(linear, "row_absmax", None)  # a row-parallel slice (vlmrt.tp): its full rows' absmax
+        w = linear.weight.detach()
+        packed = method.quantize(w, absmax) if absmax is not None and isinstance(method, Int8Linear) else method.quantize(w)
+        for name, t in packed.items():
             if name == "levels":  # unpacked int4 levels, for dequantize() in tests: not kept
                 continue
             self.register_buffer(name, t, persistent=False)

@@ -2,7 +2,8 @@
 
 A family class (models/<family>.py) provides: `presets` (name -> config), a constructor taking a
 config, `synthetic_tokenizer(config)`, `processor_spec` and `is_release_folder(folder)`; its module
-provides `load_release(folder, device, dtype) -> (model, tokenizer, config)`. Adding a family is one file, one line here and one test entry
+provides `load_release(folder, device, dtype, shard=None) -> (model, tokenizer, config)` (a `shard`: one
+tensor-parallel rank's slices of the decoder only, vlmrt.tp.shard). Adding a family is one file, one line here and one test entry
 (tests/families.py); `python -m vlmrt.catalog` then refreshes models/presets.json, the preset list
 `vlmrt models` reads without importing torch (tests/test_registry.py fails while it is stale).
 """
@@ -63,7 +64,7 @@ def all_presets() -> dict[str, tuple[str, object]]:
 
 
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed: int = 0,
-               tokenizer: bool = True) -> LoadedModel:
+               tokenizer: bool = True, shard=None) -> LoadedModel:
     """Build a preset with synthetic weights, or load a release folder from local files.
 
     Args:
@@ -73,6 +74,8 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
         dtype: "fp32", "fp16" or "bf16".
         seed: seed of the synthetic weights (presets only).
         tokenizer: False: a preset comes without its tokenizer (None; a tensor-parallel follower needs none).
+        shard: a vlmrt.tp.shard.Shard: the model holds that rank's shard of the decoder (docs/tp.md
+            "Loading"); a release folder is read for that shard only, a preset is drawn whole and sliced.
     """
     from vlmrt.weights import build_on, init_synthetic
 
@@ -89,7 +92,11 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
         family, cfg = presets[name_or_path]
         cls = family_class(family)
         model = build_on(dev, tdtype, lambda: cls(cfg))
-        init_synthetic(model, seed)
+        init_synthetic(model, seed)  # whole on every rank: each parameter's values come from its own seed
+        if shard is not None:
+            from vlmrt.tp.shard import shard_model
+
+            shard_model(model, shard.rank, shard.world)
         return LoadedModel(model.eval(), cls.synthetic_tokenizer(cfg) if tokenizer else None, model.processor_spec, name_or_path,
                            family, True, cfg, dev, tdtype, seed=seed)
     path = Path(name_or_path)
@@ -98,6 +105,6 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "fp32", seed
     for family in FAMILIES:
         cls = family_class(family)
         if cls.is_release_folder(path):
-            model, tokenizer, cfg = importlib.import_module(cls.__module__).load_release(path, dev, tdtype)
+            model, tokenizer, cfg = importlib.import_module(cls.__module__).load_release(path, dev, tdtype, shard)
             return LoadedModel(model, tokenizer, model.processor_spec, str(path), family, False, cfg, dev, tdtype)
     raise VlmrtError(f"{path} is not a model folder vlmrt recognizes (families: {', '.join(FAMILIES)}); see README 'Real checkpoints'")

@@ -532,7 +532,7 @@ def _release_tokenizer(folder: Path):
     return tok
 
 
-def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
+def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype, shard=None):
     """Load a MiniCPM-V-2 release folder: config.json, model-0000x-of-0000y.safetensors with
     model.safetensors.index.json (or one model.safetensors), tokenizer.json or tokenizer.model.
     No remote code runs. Returns (model, tokenizer, config); errors name the file or key at fault."""
@@ -540,9 +540,9 @@ def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
 
     folder = Path(folder)
     hf = read_json(folder / "config.json")
-    state = {k: v for k, v in read_hf_weights(folder).items() if not k.endswith(".rotary_emb.inv_freq")}
+    state = {k: v for k, v in read_hf_weights(folder, lazy=shard is not None).items() if not k.endswith(".rotary_emb.inv_freq")}
     cfg = config_from_release(hf, state, folder)
     tokenizer = _release_tokenizer(folder)
-    model = build_on(device, dtype, lambda: MiniCPMVForConditionalGeneration(cfg))
-    assign_weights(model, state, f"MiniCPM-V release in {folder}")
+    model = build_on(device, dtype, lambda: MiniCPMVForConditionalGeneration(cfg), shard)
+    assign_weights(model, state, f"MiniCPM-V release in {folder}", shard)
     return model.eval(), tokenizer, cfg

@@ -409,6 +409,8 @@ def _qformer_keys(blip2: dict) -> dict:
 
 def _merge_lora(state: dict, proj: dict) -> None:
     """MiniGPT-v2: fold PEFT LoRA (q_proj, v_proj; alpha 16) into the decoder weights."""
+    from vlmrt.weights import materialize
+
     for k, a in proj.items():
         if not k.endswith("lora_A.default.weight"):
             continue
@@ -416,7 +418,7 @@ def _merge_lora(state: dict, proj: dict) -> None:
         b = proj[k.replace("lora_A", "lora_B")]
         if base not in state:
             raise VlmrtError(f"LoRA tensor {k} targets {base}, which the LLM does not have")
-        state[base] = state[base].float() + (b.float() @ a.float()) * (16.0 / a.shape[0])
+        state[base] = materialize(state[base]).float() + (b.float() @ a.float()) * (16.0 / a.shape[0])  # whole, even on a shard
 
 
 def _vision_state(eva: dict, files: dict, cfg: MiniGPT4Config) -> dict:
@@ -450,7 +452,7 @@ def _match_preset(eva: dict, proj: dict, decoder: DecoderConfig, folder) -> Mini
     raise VlmrtError(f"{folder}: no MiniGPT-4 variant has a {width}-wide ViT and a {proj_in}-input llama_proj; check the files")
 
 
-def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
+def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype, shard=None):
     """Load a MiniGPT-4 release from one folder: eva_vit_g.pth, blip2_pretrained_flant5xxl.pth (Vicuna
     variants), one *minigpt*.pth checkpoint (llama_proj, LoRA for v2), and the LLM as a Hugging Face
     folder (config.json, safetensors or .bin shards, tokenizer).
@@ -467,12 +469,12 @@ def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
     cfg = _match_preset(eva, proj, decoder, folder)
     state = _vision_state(eva, files, cfg)
     state.update({k: v for k, v in proj.items() if k.startswith("llama_proj.")})
-    llm = read_hf_weights(files["llm"])
+    llm = read_hf_weights(files["llm"], lazy=shard is not None)
     state.update({"llama_model." + k: v for k, v in llm.items() if not any(k.endswith(u) for u in _LLM_UNUSED)})
     if decoder.tie_word_embeddings:
         state.pop("llama_model.lm_head.weight", None)
     if cfg.template == "minigptv2":
         _merge_lora(state, proj)
-    model = build_on(device, dtype, lambda: MiniGPT4ForConditionalGeneration(cfg))
-    assign_weights(model, state, f"MiniGPT-4 release in {folder}")
+    model = build_on(device, dtype, lambda: MiniGPT4ForConditionalGeneration(cfg), shard)
+    assign_weights(model, state, f"MiniGPT-4 release in {folder}", shard)
     return model.eval(), load_tokenizer(files["llm"]), cfg

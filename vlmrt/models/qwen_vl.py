@@ -405,7 +405,7 @@ def release_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
+def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype, shard=None):
     """Load a Qwen-VL or Qwen-VL-Chat release folder: config.json (architectures QWenLMHeadModel),
     generation_config.json (chat_format "chatml" picks the chat template; default chatml), qwen.tiktoken,
     and the weights (pytorch_model-*.bin shards with an index as released, or safetensors). No remote
@@ -430,10 +430,10 @@ def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
     if img != cfg.image_start_id:
         raise VlmrtError(f"{folder}: qwen.tiktoken puts <img> at id {img} but config.json says visual.image_start_id "
                          f"{cfg.image_start_id}; the tokenizer file does not belong to this model")
-    state = release_to_ours(read_hf_weights(folder))
+    state = release_to_ours(read_hf_weights(folder, lazy=shard is not None))
     grid = lambda k: math.isqrt(state[k].shape[0]) if k in state else 16  # the stored tables are 16x16 as released
     cfg = replace(cfg, vision=replace(cfg.vision, pos_grid=grid("visual.positional_embedding"),
                                       query_grid=grid("visual.attn_pool.query")))
-    model = build_on(device, dtype, lambda: QWenLMHeadModel(cfg))
-    assign_weights(model, state, f"Qwen-VL release in {folder}")
+    model = build_on(device, dtype, lambda: QWenLMHeadModel(cfg), shard)
+    assign_weights(model, state, f"Qwen-VL release in {folder}", shard)
     return model.eval(), tokenizer, cfg

@@ -494,7 +494,7 @@ def _release_tokenizer(folder: Path):
         raise VlmrtError(f"cannot load the tokenizer in {folder}: {e.__class__.__name__}: {e}") from None
 
 
-def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
+def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype, shard=None):
     """Load a SliMM release folder: config.json, model.safetensors (or shards), the tokenizer, and
     optionally generation_config.json and preprocessor_config.json. No network, no remote code.
 
@@ -506,11 +506,11 @@ def load_release(folder: str | Path, device: torch.device, dtype: torch.dtype):
     hf = read_json(folder / "config.json")
     optional = ("generation_config.json", "preprocessor_config.json")
     extras = {f: read_json(folder / f) for f in optional if (folder / f).exists()}
-    state = release_state(read_hf_weights(folder))
+    state = release_state(read_hf_weights(folder, lazy=shard is not None))
     cfg = config_from_release(hf, extras, state)
     if cfg.decoder.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     tokenizer = _release_tokenizer(folder)
-    model = build_on(device, dtype, lambda: SliMMForConditionalGeneration(cfg))
-    assign_weights(model, state, f"SliMM release in {folder}")
+    model = build_on(device, dtype, lambda: SliMMForConditionalGeneration(cfg), shard)
+    assign_weights(model, state, f"SliMM release in {folder}", shard)
     return model.eval(), tokenizer, cfg

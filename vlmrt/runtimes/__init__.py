@@ -4,7 +4,7 @@ A runtime offers `encode_images`, `embed`, `start(batch, max_seq)`, `decode(...)
 `synchronize()` (see `generate.StageRunner`), for the lock-step loop; a runtime that executes engine
 steps (vlmrt/engine.py) adds `allocate_slots(num_slots, max_seq)` and `run_step(StepInputs)`, and a
 compiled one `warmup()`. `build_runtime` makes one; in a tensor-parallel process (vlmrt/tp) the
-eager runtime it makes is rank 0's LeaderRuntime. Runtimes are looked up in a table and imported lazily,
+eager or compiled runtime it makes is rank 0's LeaderRuntime. Runtimes are looked up in a table and imported lazily,
 so the library imports without optional packages (onnxruntime) or a GPU.
 """
 
@@ -34,14 +34,12 @@ def runtime_class(name: str):
 
 def build_runtime(name: str, loaded, **options):
     """The runtime `name` over `loaded`: in a tensor-parallel group (`vlmrt.tp.active()`, more than
-    one rank), rank 0's sharded eager runtime, whose decoder calls the other ranks replay."""
+    one rank), rank 0's sharded eager or compiled runtime, whose decoder calls the other ranks replay."""
     from vlmrt.tp.group import active
 
     group = active()
     if group is None or group.world == 1:
         return runtime_class(name)(loaded, **options)
-    if name != "eager" or options:
-        raise VlmrtError(f"--tp {group.world} runs on --runtime eager only, not {name}; use --runtime eager or --tp 1")
     from vlmrt.tp.runtime import LeaderRuntime
 
-    return LeaderRuntime(loaded, group)
+    return LeaderRuntime(loaded, group, name, options)

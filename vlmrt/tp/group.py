@@ -140,7 +140,12 @@ def collective_error(e: BaseException) -> VlmrtError:
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over the ranks in place (row-parallel outputs); a dead or silent rank is a VlmrtError."""
+    """Sum `t` over the ranks in place (row-parallel outputs); a dead or silent rank is a VlmrtError.
+    Under torch.compile (the compiled runtime) the functional all-reduce, which the graph holds."""
+    if torch.compiler.is_compiling():
+        from torch.distributed import _functional_collectives as funcol
+
+        return funcol.all_reduce(t, "sum", dist.group.WORLD)
     try:
         dist.all_reduce(t)
     except RuntimeError as e:

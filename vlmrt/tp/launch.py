@@ -66,9 +66,11 @@ def run_parallel(args, argv: list[str]) -> int:
     import torch
 
     from vlmrt.tp.group import check_devices, close_group, env_rank, init_group
+    from vlmrt.tp.runtime import RUNTIMES
 
-    if isinstance(getattr(args, "runtime", None), str) and args.runtime != "eager":  # bench checks its list
-        raise VlmrtError(f"--tp {args.tp} runs on --runtime eager only, not {args.runtime}; use --runtime eager or --tp 1")
+    if isinstance(getattr(args, "runtime", None), str) and args.runtime not in RUNTIMES:  # bench checks its list
+        raise VlmrtError(f"--tp {args.tp} runs on --runtime {' or '.join(RUNTIMES)}, not {args.runtime}; "
+                         "use one of them or --tp 1")
     device = getattr(args, "device", "cpu")
     check_devices(args.tp, torch.device(device))  # before any rank starts
     children = spawn_ranks(args.tp, argv) if env_rank() is None else []

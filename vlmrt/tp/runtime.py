@@ -26,9 +26,10 @@ import torch
 
 from vlmrt.errors import VlmrtError
 from vlmrt.tp.group import TPGroup
-from vlmrt.tp.shard import check_shardable, shard_model
+from vlmrt.tp.shard import Shard, check_row_scales, check_shardable, shard_model
 
-REPLAYED = ("start", "decode", "allocate_slots", "run_step", "reorder")  # methods followers run too
+REPLAYED = ("start", "decode", "allocate_slots", "run_step", "reorder", "warmup")  # methods followers run too
+RUNTIMES = ("eager", "compiled")  # the runtimes a rank can run its shard on
 _IDS = itertools.count()
 
 
@@ -42,14 +43,19 @@ def load_spec(loaded) -> dict:
     return {"name": loaded.name, "dtype": dtype, "seed": loaded.seed or 0, "weights": loaded.weights}
 
 
-def sharded_runtime(loaded, group: TPGroup):
-    """An EagerRuntime on this rank's shard of `loaded` (its weight format applied first)."""
-    from vlmrt.runtimes.eager import EagerRuntime
+def sharded_runtime(loaded, group: TPGroup, runtime: str = "eager", options: dict | None = None):
+    """The runtime `runtime` (eager or compiled) on this rank's shard of `loaded`: its weight format
+    applied first (a whole model is then sliced), then the runtime built on the shard (the compiled
+    runtime allocates its cache, with this rank's KV heads, when it is built)."""
+    from vlmrt.quantize import prepare_model
+    from vlmrt.runtimes import runtime_class
 
-    rt = EagerRuntime(loaded)
-    if getattr(rt.model, "tp_shard", None) != (group.rank, group.world):  # two runtimes may share one model
-        shard_model(rt.model, group.rank, group.world)
-    return rt
+    if getattr(loaded.model, "tp_shard", None) == (group.rank, group.world):  # loaded as this rank's shard
+        check_row_scales(loaded.model, loaded.weights)
+    model = prepare_model(loaded, runtime)
+    if getattr(model, "tp_shard", None) != (group.rank, group.world):  # two runtimes may share one model
+        shard_model(model, group.rank, group.world)
+    return runtime_class(runtime)(loaded, **(options or {}))
 
 
 def portable(obj, device: torch.device | None = None):
@@ -67,23 +73,29 @@ def portable(obj, device: torch.device | None = None):
 
 
 class LeaderRuntime:
-    """Rank 0's runtime: an EagerRuntime on shard 0 whose decoder calls every follower replays.
+    """Rank 0's runtime: an eager or compiled runtime on shard 0 whose decoder calls every follower
+    replays (the compiled one's warmup too: its graphs run the collectives).
 
     Args:
-        loaded: the LoadedModel (full weights; sharded here).
+        loaded: the LoadedModel (whole, sliced here, or loaded as rank 0's shard).
         group: the active group (rank 0).
+        runtime: "eager" or "compiled".
+        options: the runtime's constructor options (compiled: CompiledOptions fields).
     """
 
-    name = "eager"
-
-    def __init__(self, loaded, group: TPGroup):
-        self.id, self.group = next(_IDS), group
+    def __init__(self, loaded, group: TPGroup, runtime: str = "eager", options: dict | None = None):
+        if runtime not in RUNTIMES:
+            raise VlmrtError(f"--tp {group.world} runs on --runtime {' or '.join(RUNTIMES)}, not {runtime}; "
+                             "use one of them or --tp 1")
+        self.id, self.group, self.name = next(_IDS), group, runtime
         spec = load_spec(loaded)
         check_shardable(loaded.model, loaded.weights, group.world)  # refused here, before any follower loads
-        group.channel.send(("load", self.id, spec))  # followers load while rank 0 does
-        self.inner = sharded_runtime(loaded, group)
+        group.channel.send(("load", self.id, spec, runtime, options or {}))  # followers load while rank 0 does
+        self.inner = sharded_runtime(loaded, group, runtime, options)
 
     def __getattr__(self, name):  # model, device, dtype, kv, synchronize, encode_images, embed, ...
+        if name == "warmup" and hasattr(self.inner, "warmup"):  # the compiled runtime's: graphs with collectives
+            return lambda: self._replay("warmup")
         return getattr(self.inner, name)
 
     def _replay(self, method: str, *args, **kwargs):
@@ -136,8 +148,8 @@ def follow(group: TPGroup) -> None:
         if kind == "stop":
             return
         if kind == "load":
-            _, rid, spec = message
-            runtimes[rid] = sharded_runtime(_model_for(spec, models, group), group)
+            _, rid, spec, runtime, options = message
+            runtimes[rid] = sharded_runtime(_model_for(spec, models, group), group, runtime, options)
         elif kind == "call":
             _, rid, method, args, kwargs = message
             if method not in REPLAYED:
@@ -149,13 +161,16 @@ def follow(group: TPGroup) -> None:
 
 
 def _model_for(spec: dict, models: dict, group: TPGroup):
-    """A follower's LoadedModel for `spec`, loaded once per spec (without a tokenizer: followers
-    never tokenize). Rank 0 may put one model on several runtimes; they share one shard here too."""
+    """A follower's LoadedModel for `spec`: its shard, loaded once per spec (without a tokenizer:
+    followers never tokenize). Rank 0 may put one model on several runtimes; they share one shard here too."""
     from vlmrt.models import load_model
     from vlmrt.quantize import with_weights
 
     key = repr(sorted(spec.items()))
     if key not in models:
-        loaded = load_model(spec["name"], device=str(group.device), dtype=spec["dtype"], seed=spec["seed"], tokenizer=False)
+        weights = spec["weights"]
+        shard = Shard(group.rank, group.world, row_absmax=weights is not None and weights.format == "int8")
+        loaded = load_model(spec["name"], device=str(group.device), dtype=spec["dtype"], seed=spec["seed"],
+                            tokenizer=False, shard=shard)
         models[key] = with_weights(loaded, spec["weights"])
     return models[key]

@@ -1,4 +1,5 @@
-"""Megatron-style sharding of the decoder, in place, after the weight format is applied.
+"""Megatron-style sharding of the decoder, in place: after the weight format is applied, or on the
+meta device before a release checkpoint is read into it (vlmrt.weights.build_on).
 
 ```
  every decoder layer (LlamaAttention + LlamaMLP: all four families; Qwen-VL's fused c_attn is
@@ -18,16 +19,25 @@ every scale: each rank holds exactly the slice of the tp=1 int8 weight. fp16/bf1
 int4 packs rows in tiles the CPU kernel owns, so it is refused, and so is int8-gN (its
 [G,N,gs] layout is not sliced here) (quantize after sharding would need
 the group size to divide every slice width: not done yet).
+
+An fp row-parallel slice keeps its rows' absmax over the full width (`row_absmax`), so that int8
+applied to the slice later picks the tp=1 scales.
+
+The same slicing serves the loaders (vlmrt.weights): a release checkpoint is read into a model
+sharded on the meta device, each sliced linear saying where its part lies in the full tensor
+(`tp_part`, `shard_parts`), so a rank reads its rows or columns only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vlmrt.errors import VlmrtError
 from vlmrt.models.layers import LlamaAttention, LlamaMLP
-from vlmrt.quantize import QuantizedLinear, language_model_prefix
+from vlmrt.quantize import WEIGHTS_ATTR, QuantizedLinear, language_model_prefix
 from vlmrt.tp.group import all_reduce
 
 
@@ -47,7 +57,10 @@ class RowParallel(nn.Module):
         self.inner = inner
         self.bias = inner.bias
         inner.bias = None
-        self.int8 = isinstance(inner, QuantizedLinear) and inner.method.name == "int8"
+
+    @property
+    def int8(self) -> bool:  # read at every call: a shard loaded fp is quantized after it is wrapped
+        return isinstance(self.inner, QuantizedLinear) and self.inner.method.name == "int8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [...,K/N] -> [...,D]
         if self.int8:
@@ -61,6 +74,47 @@ class RowParallel(nn.Module):
         acc = x.reshape(-1, q.in_features).to(torch.bfloat16).float() @ q.qweight.float().t()  # [M,D] fp32
         y = (all_reduce(acc) * q.scales.float()).to(torch.bfloat16).to(x.dtype)  # rounded once, as at tp=1
         return y.reshape(*x.shape[:-1], q.out_features)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The part of the decoder one rank loads (vlmrt.models.load_model).
+
+    Args:
+        rank: this rank.
+        world: ranks in the group.
+        row_absmax: also read each row-parallel weight's per-row absmax over its full rows, in
+            blocks no bigger than the shard (int8 scales are per row over the full width).
+    """
+
+    rank: int
+    world: int
+    row_absmax: bool = False
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where a sharded parameter lies in the checkpoint's full tensor."""
+
+    source: str  # the parameter's name in the unsharded model
+    dim: int  # 0: rows (column-parallel), 1: columns (row-parallel)
+    start: int
+    stop: int
+    shape: tuple[int, ...]  # the full tensor's
+
+
+def this_rank(weights=None) -> Shard | None:
+    """The Shard this process loads: its rank's in an active group of several ranks, else None.
+
+    Args:
+        weights: the vlmrt.quantize.WeightConfig the runtime will apply (int8 needs `row_absmax`).
+    """
+    from vlmrt.tp.group import active
+
+    group = active()
+    if group is None or group.world == 1:
+        return None
+    return Shard(group.rank, group.world, row_absmax=weights is not None and weights.format == "int8")
 
 
 def check_plan(num_heads: int, num_kv_heads: int, intermediate: int, world: int) -> None:
@@ -99,6 +153,9 @@ def slice_linear(linear: nn.Module, dim: int, start: int, stop: int) -> nn.Modul
     out.weight.copy_(w)
     if linear.bias is not None:
         out.bias.copy_(linear.bias[start:stop] if dim == 0 else linear.bias)
+    out.tp_part = (dim, start, stop, tuple(linear.weight.shape))
+    if dim == 1 and not w.is_meta:  # int8 later: the scales of the full rows (a loader reads them itself)
+        out.row_absmax = linear.weight.float().abs().amax(1)  # [N]
     return out.requires_grad_(False)
 
 
@@ -144,6 +201,21 @@ def shard_mlp(mlp: LlamaMLP, rank: int, world: int) -> None:
     mlp.down_proj = RowParallel(slice_linear(mlp.down_proj, 1, *part))
 
 
+def shard_parts(model: nn.Module) -> dict[str, Part]:
+    """Every sliced parameter of a sharded fp `model` (its name) -> where it lies in the full tensor.
+    A row-parallel weight sits in `RowParallel.inner`; its bias (on RowParallel) is whole."""
+    parts = {}
+    for name, m in model.named_modules():
+        if getattr(m, "tp_part", None) is None:
+            continue
+        dim, start, stop, shape = m.tp_part
+        source = name.removesuffix(".inner")
+        parts[f"{name}.weight"] = Part(f"{source}.weight", dim, start, stop, shape)
+        if m.bias is not None:  # column-parallel only: a row-parallel bias moved to RowParallel
+            parts[f"{name}.bias"] = Part(f"{source}.bias", 0, start, stop, shape[:1])
+    return parts
+
+
 def decoder_layers(model: nn.Module) -> tuple[list[LlamaAttention], list[LlamaMLP]]:
     """The attention and MLP modules of `model`'s decoder layers, in order."""
     lm = language_model_prefix(model)
@@ -172,6 +244,17 @@ def check_shardable(model: nn.Module, weights, world: int) -> None:
     a = attns[0]
     if getattr(model, "tp_shard", None) is None:
         check_plan(a.num_heads, a.num_kv_heads, mlps[0].gate_proj.out_features, world)
+
+
+def check_row_scales(model: nn.Module, weights) -> None:
+    """A clear error when int8 would quantize a row-parallel shard loaded without its full rows'
+    absmax (its scales would be those of its own columns, not tp=1's)."""
+    if weights is None or weights.format != "int8" or getattr(model, WEIGHTS_ATTR, None) is not None:
+        return
+    rows = [m.inner for m in model.modules() if isinstance(m, RowParallel) and isinstance(m.inner, nn.Linear)]
+    if any(getattr(linear, "row_absmax", None) is None for linear in rows):
+        raise VlmrtError("--quantize int8 on a tensor-parallel shard loaded without its row scales; load it with "
+                         "vlmrt.tp.shard.Shard(..., row_absmax=True) (vlmrt.tp.shard.this_rank(weights) does)")
 
 
 def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:

@@ -112,10 +112,11 @@ def test_export_runs_with_no_model_code_imported(exported):
 
 @needs_paddle
 def test_engine_steps_and_beam_search_match_eager():
-    """run_step on the engine's pool (a two-row prefill, one decode step) against eager's, and beam
-    search (a B*K-row cache, rows reordered) against eager's beams."""
+    """run_step on the engine's pool (a two-row prefill over whole rows, one decode step over an
+    attention window shorter than the rows) against eager's, and beam search (a B*K-row cache, rows
+    reordered) against eager's beams."""
     from vlmrt.config import GenerationConfig
-    from vlmrt.engine import StepInputs
+    from vlmrt.engine import StepInputs, attention_window
     from vlmrt.generate import generate, prompt_positions, split_embedded
     from vlmrt.runtimes.eager import EagerRuntime
 
@@ -123,7 +124,7 @@ def test_engine_steps_and_beam_search_match_eager():
     eager, batch = EagerRuntime(loaded), parity_batch(loaded, 2)
     b, t = batch["input_ids"].shape
     embeds, extras = split_embedded(eager.embed(batch["input_ids"], eager.encode_images(batch["pixel_values"])))
-    positions, s = prompt_positions(batch), t + 8
+    positions, s = prompt_positions(batch), t + 100  # rows longer than the decode step's window
     mask = torch.zeros(b, s + 1, dtype=torch.long)
     mask[:, :t] = batch["attention_mask"]
     slots = torch.arange(t)[None].expand(b, t).contiguous()
@@ -131,12 +132,13 @@ def test_engine_steps_and_beam_search_match_eager():
     mask2[:, t] = 1
     steps = [StepInputs(0, b, embeds, positions, slots, mask, torch.tensor([t - 1]), extras),
              StepInputs(0, b, split_embedded(eager.embed(torch.tensor([[5], [7]]), None))[0], positions[..., -1:] + 1,
-                        torch.full((b, 1), t), mask2)]
+                        torch.full((b, 1), t), mask2, window=t + 1)]
     with torch.inference_mode():  # as the engine runs its steps
         for rt in (eager, runtime):
             rt.allocate_slots(b, s)
         for step in steps:
             torch.testing.assert_close(runtime.run_step(step), eager.run_step(step), rtol=1e-4, atol=1e-4)
+    assert attention_window(steps[1], s)[0] < s + 1  # the decode step read a window, not whole rows
     valid = mask2.bool()
     for k_ref, k_out in zip(eager.pool.keys, runtime.pool.keys):
         torch.testing.assert_close(k_out.transpose(1, 2)[valid], k_ref.transpose(1, 2)[valid], rtol=1e-4, atol=1e-5)
@@ -168,6 +170,23 @@ def test_an_op_the_lowering_does_not_know_is_named():
     ep = torch.export.export(Odd(), (torch.ones(2),)).run_decompositions()
     with pytest.raises(VlmrtError, match=r"vision stage uses aten\.special_bessel_j0"):
         lower_program(ep, ["pixel_values"], ["image_features"], "vision", "odd")
+
+
+@needs_paddle
+def test_linear_layers_read_their_weights_transposed_not_copied(tmp_path):
+    """torch.export writes a linear layer as mm(x, permute(weight)): the lowering gives the matmul
+    transpose_y and writes no transpose (Paddle ran it as a weight copy at every call)."""
+    from vlmrt.runtimes.paddle import to_paddle
+    from vlmrt.runtimes.paddle_lower import build_layer, lower_program
+
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4, bias=False)).eval()
+    x = torch.randn(2, 3, 8)
+    ep = torch.export.export(lin, (x,)).run_decompositions()
+    lowered = lower_program(ep, ["pixel_values"], ["image_features"], "vision", "linear")
+    assert lowered.source.count("transpose_y=True") == 2 and "paddle.transpose" not in lowered.source
+    out = build_layer(lowered, tmp_path, "linear")(to_paddle(x))[0]
+    torch.testing.assert_close(torch.from_dlpack(out), lin(x), rtol=1e-5, atol=1e-6)
 
 
 def test_missing_extra_names_it(monkeypatch):

@@ -143,9 +143,11 @@ def node_line(w: Writer, node, stage: str, ops: dict, table: str) -> str | None:
     return f"{node.name} = {ops[key](w, node, *args, **kwargs)}"
 
 
-def lower_nodes(ep, w: Writer, stage: str, ops: dict, table: str) -> tuple[dict, list, list[str]]:
+def lower_nodes(ep, w: Writer, stage: str, ops: dict, table: str, skip=None) -> tuple[dict, list, list[str]]:
     """Walk a decomposed program: (weights: placeholder name -> torch tensor, the user-input
-    placeholder nodes in order, the body's source lines, weights read as `self.<name>`)."""
+    placeholder nodes in order, the body's source lines, weights read as `self.<name>`).
+    `skip(node)` True: a node its users' emitters read through (e.g. a transpose folded into a
+    matmul), not written."""
     sig = ep.graph_signature
     state = {**ep.state_dict, **getattr(ep, "constants", {})}
     weights, user, lines = {}, [], []
@@ -157,7 +159,7 @@ def lower_nodes(ep, w: Writer, stage: str, ops: dict, table: str) -> tuple[dict,
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name in weights:
             lines.append(f"{node.name} = self.{node.name}")
-        elif node.op == "call_function":
+        elif node.op == "call_function" and not (skip and skip(node)):
             line = node_line(w, node, stage, ops, table)
             if line:
                 lines.append(line)

@@ -12,10 +12,10 @@ loop and the engine. A preset or release is lowered in process (vlmrt/runtimes/p
 ```
 
 Every program takes dynamic batch, sequence and cache dims (None in its input specs), so it is
-built once and serves every request. Stage outputs cross to torch (host copies) where the loop
-reads them: image features, embeddings, logits; the cache never does in the lock-step loop. The
-engine's pool stays in torch buffers (the engine compacts rows in place): each step copies its
-rows' cache to Paddle and back, as the jax runtime does.
+built once and serves every request. Stage outputs cross to torch (DLPack, then one copy) where the
+loop reads them: image features, embeddings, logits; the cache never does in the lock-step loop.
+The engine's pool stays in torch buffers (the engine compacts rows in place): a step copies the
+attention window of its rows to Paddle and writes back only the positions it wrote.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import os
 import sys
 import tempfile
 
-import numpy as np
 import torch
 
 from vlmrt.errors import VlmrtError
-from vlmrt.kv_cache import SlotKVCache, lockstep_inputs
+from vlmrt.kv_cache import SlotKVCache, lockstep_inputs, write_slots
 from vlmrt.stages import (ATTENTION_MASK, CACHE_POSITION, IMAGE_FEATURES, INPUTS_EMBEDS, LOGITS, LOGITS_INDEX,
                           POSITION_IDS, embedding_inputs, past_key_name, past_value_name)
 
@@ -49,7 +48,10 @@ def import_paddle():
 
 
 def to_paddle(t: torch.Tensor):
-    """A torch tensor -> a Paddle tensor on the CPU (a host copy; bf16 through fp32)."""
+    """A torch tensor -> a Paddle tensor on the CPU (one host copy). Not DLPack: with Paddle tensors
+    over torch's memory fed to the programs, the process hung twice inside Paddle's from_dlpack
+    (`from_blob`) after some calls (Paddle 3.3.1; presumably torch's deleter, which takes the GIL,
+    run on one of the executor's threads)."""
     paddle = import_paddle()
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
@@ -58,10 +60,15 @@ def to_paddle(t: torch.Tensor):
 
 
 def to_torch(value) -> torch.Tensor:
-    """A Paddle tensor -> a torch tensor (a host copy)."""
-    if value.dtype.name.lower() in ("bfloat16", "bf16"):
-        return torch.from_numpy(value.astype("float32").numpy()).bfloat16()
-    return torch.from_numpy(np.array(value.numpy()))
+    """A Paddle tensor -> a torch tensor of its own (one copy: the program may reuse its outputs'
+    memory)."""
+    return view_torch(value).clone()
+
+
+def view_torch(value) -> torch.Tensor:
+    """A Paddle tensor -> a torch tensor over the same memory (DLPack, no copy; Paddle's deleter
+    needs no GIL), valid until the next call of the program that made it."""
+    return torch.from_dlpack(value)
 
 
 class _Predictor:
@@ -246,17 +253,25 @@ class PaddleRuntime:
         return self.pool
 
     def run_step(self, step) -> torch.Tensor:
-        """One engine decoder call (`vlmrt.engine.StepInputs`) over pool rows [start, stop) -> logits
-        [n,V]. The rows' cache goes to Paddle and back around the call (two host copies of those rows)."""
+        """One engine decoder call (`vlmrt.engine.StepInputs`) over pool rows [start, stop), any n rows
+        and T tokens each -> logits [n,V]. The call attends over the window of positions in use
+        (`vlmrt.engine.attention_window`): the rows' window goes to Paddle (one copy of the window,
+        not of whole rows), and only the T positions each row writes come back into the pool
+        (`write_slots` of the presents read in place through DLPack), never whole rows."""
+        from vlmrt.engine import attention_window
+
         pool, (a, b) = self.pool, (step.start, step.stop)
-        n = step.inputs_embeds.shape[0]
+        n, t = step.inputs_embeds.shape[:2]
+        w, slots = attention_window(step, pool.scratch)  # slots [n,T]
         at = torch.zeros(n, dtype=torch.long) if step.logits_at is None else step.logits_at.reshape(-1).expand(n)
         with torch.inference_mode(False):
             logits, keys, values = self._decoder(
-                step.inputs_embeds, step.position_ids, step.attention_mask, step.cache_position, at,
-                [k[a:b] for k in pool.keys], [v[a:b] for v in pool.values], step.extras)
+                step.inputs_embeds, step.position_ids, step.attention_mask[:, :w], slots, at,
+                [to_paddle(k[a:b, :, :w]) for k in pool.keys], [to_paddle(v[a:b, :, :w]) for v in pool.values],
+                step.extras)  # each [n,H_kv,w,hd]
+        index = slots[:, None, :, None].expand(n, self.num_kv_heads, t, self.head_dim)  # [n,H_kv,T,hd]
         for buf, new in zip(pool.keys + pool.values, keys + values):
-            buf[a:b].copy_(to_torch(new))
+            write_slots(buf[a:b], view_torch(new).gather(2, index), slots)  # the call's own writes only
         return logits[:, -1]  # [n,V]
 
     def reorder(self, rows: torch.Tensor) -> None:

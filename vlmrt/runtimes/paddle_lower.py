@@ -78,7 +78,7 @@ def _where(w: Writer, node, cond, a, b, **_):
 
 
 def _to_copy(w: Writer, node, x, dtype=None, **_):
-    return f"paddle.cast({w.value(x)}, {dtype_name(node.meta['val'].dtype)!r})"
+    return w.cast(x, node.meta["val"].dtype)  # no op when x has that dtype already (a device or layout copy)
 
 
 def _arange(w: Writer, node, *args, **_):
@@ -107,8 +107,38 @@ def _any(w: Writer, node, x, dim=None, keepdim=False, **_):
     return f"paddle.any(paddle.cast({w.value(x)}, 'bool'), axis={axis}, keepdim={keepdim!r})"
 
 
+def _transposed(x):
+    """The 2-D tensor `x` is the transpose of (x = permute(t, [1, 0])), else None."""
+    if isinstance(x, torch.fx.Node) and str(x.target) == "aten.permute.default" and list(x.args[1]) == [1, 0]:
+        return x.args[0]
+    return None
+
+
+def _matmul(w: Writer, a, b) -> str:
+    """a @ b; when b is a transpose (a linear layer's `permute(weight, [1, 0])`), the matmul reads
+    its source with transpose_y (BLAS transposes on the fly), so the weight is never copied."""
+    src = _transposed(b)
+    if src is not None:
+        return f"paddle.matmul({w.value(a)}, {w.value(src)}, transpose_y=True)"
+    return f"paddle.matmul({w.value(a)}, {w.value(b)})"
+
+
+def folded_into_matmul(node) -> bool:
+    """A transpose every user of which reads it as the right operand of mm/addmm (through
+    `_matmul`): it is not written at all."""
+    if _transposed(node) is None or not node.users:
+        return False
+    right = {"aten.mm.default": 1, "aten.addmm.default": 2}
+    return all(right.get(str(u.target)) is not None and u.args[right[str(u.target)]] is node
+               and node not in u.args[:right[str(u.target)]] for u in node.users)
+
+
+def _mm(w: Writer, node, a, b, **_):
+    return _matmul(w, a, b)
+
+
 def _addmm(w: Writer, node, bias, a, b, beta=1, alpha=1, **_):
-    mm = f"paddle.matmul({w.value(a)}, {w.value(b)})"
+    mm = _matmul(w, a, b)
     mm = mm if alpha == 1 else f"({mm} * {w.value(alpha)})"
     return f"({mm} + {w.value(bias)})" if beta == 1 else f"({mm} + {w.value(bias)} * {w.value(beta)})"
 
@@ -192,7 +222,7 @@ OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a Paddle e
     "aten.maximum.default": _binary("paddle.maximum({a}, {b})"),
     "aten.mean.dim": _reduce("paddle.mean"),
     "aten.minimum.default": _binary("paddle.minimum({a}, {b})"),
-    "aten.mm.default": _call("paddle.matmul({0}, {1})"),
+    "aten.mm.default": _mm,
     "aten.mul.Scalar": _binary("({a} * {b})"),
     "aten.mul.Tensor": _binary("({a} * {b})"),
     "aten.native_layer_norm.default": _call("ops.layer_norm({0}, {1}, {2}, {3}, {4})"),
@@ -270,7 +300,7 @@ def lower_program(ep, input_names: list[str], output_names: list[str], stage: st
         stage: the stage, for messages and the header.
         model: the model name, for the header.
     """
-    weights, user, lines = aten_lower.lower_nodes(ep, Writer(), stage, OPS, TABLE)
+    weights, user, lines = aten_lower.lower_nodes(ep, Writer(), stage, OPS, TABLE, skip=folded_into_matmul)
     specs = []
     for name, node in zip(input_names, user):
         val = node.meta["val"]

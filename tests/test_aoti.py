@@ -104,3 +104,21 @@ def test_onnx_runtime_refuses_an_aoti_export(folder, capsys):
                  "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "AOTInductor export" in err, err
+
+
+
+def test_decoder_examples_hold_a_prompt_longer_than_the_default_cache():
+    """A dynamic-resolution prompt (slimm-qwen2-0.5b: hundreds of image tokens) is longer than the
+    examples' default 24 slots: the cache grows to hold every example row's slots, and the decoder
+    runs on them (the example inputs only, no compile)."""
+    from vlmrt.export.aoti import _decoder_io
+    from vlmrt.export.static_cache import StaticCacheDecoder
+    from vlmrt.stages import CACHE_POSITION, INPUTS_EMBEDS
+
+    loaded = load_tiny("minigpt4-tiny")
+    embeds = torch.randn(2, 40, loaded.config.decoder.hidden_size)  # [B,T,D], T > 24
+    io = _decoder_io(loaded, {INPUTS_EMBEDS: embeds}, {})
+    assert int(io.inputs[CACHE_POSITION].max()) < io.inputs["past_key_values.0.key"].shape[2]
+    with torch.no_grad():
+        logits = StaticCacheDecoder(loaded.model, list(io.inputs))(*io.inputs.values())[0]
+    assert logits.shape[:2] == (2, 1) and bool(logits.isfinite().all())

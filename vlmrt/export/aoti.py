@@ -114,7 +114,9 @@ def _decoder_io(loaded, embedded: dict, known: dict) -> StageIO:
     model = loaded.model
     dio = _hooked(model, "decoder", default_io("decoder", loaded, {k: v.clone() for k, v in embedded.items()}))
     extras = {k: v for k, v in embedded.items() if k != INPUTS_EMBEDS}
-    inputs = example_inputs(model, embedded[INPUTS_EMBEDS], 24, extras, mrope=dio.inputs[POSITION_IDS].dim() == 3)
+    b, t = embedded[INPUTS_EMBEDS].shape[:2]
+    seq = max(24, t + 2 * b)  # every example row's slots (rows start 2 apart): a dynamic-resolution prompt is longer
+    inputs = example_inputs(model, embedded[INPUTS_EMBEDS], seq, extras, mrope=dio.inputs[POSITION_IDS].dim() == 3)
     axes = {**known, **dio.dynamic_axes, "attention_mask": {0: "batch", 1: "cache_sequence"},
             "cache_position": {0: "batch", 1: "sequence"}, "logits_index": {0: "batch"}}
     for name in list(inputs) + [f"present.{i}.{kv}" for i in range(model.num_layers) for kv in ("key", "value")]:

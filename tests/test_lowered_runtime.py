@@ -70,8 +70,8 @@ class _TorchRuntime(LoweredRuntime):
     def cat_rows(self, a, b):
         return torch.cat([a, b])
 
-    def take_rows(self, x, rows):
-        return x[rows]
+    def take_rows(self, xs, rows):
+        return [x[rows] for x in xs]
 
 
 def test_lockstep_cache_rounds_to_the_bucket_and_text_positions_widen_for_an_m_rope_graph():

@@ -101,8 +101,8 @@ class LoweredRuntime:
         """Rows of a, then rows of b (axis 0)."""
         raise NotImplementedError
 
-    def take_rows(self, x, rows: torch.Tensor):
-        """x[rows] on axis 0."""
+    def take_rows(self, xs: list, rows: torch.Tensor) -> list:
+        """Each x[rows] on axis 0 (rows [n], made a framework index once for the whole list)."""
         raise NotImplementedError
 
     def open_export(self, folder, manifest) -> tuple[dict, dict]:
@@ -251,8 +251,7 @@ class LoweredRuntime:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: cache row i becomes a copy of row rows[i] (rows [n])."""
-        self.keys = [self.take_rows(k, rows) for k in self.keys]
-        self.values = [self.take_rows(v, rows) for v in self.values]
+        self.keys, self.values = self.take_rows(self.keys, rows), self.take_rows(self.values, rows)
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cache of `layer`, each [B,H_kv,P,hd] (for parity checks)."""

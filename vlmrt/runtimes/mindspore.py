@@ -117,9 +117,10 @@ class MindSporeRuntime(LoweredRuntime):
     def cat_rows(self, a, b):
         return import_mindspore().ops.cat((a, b))
 
-    def take_rows(self, x, rows: torch.Tensor):
+    def take_rows(self, xs: list, rows: torch.Tensor) -> list:
         ms = import_mindspore()
-        return ms.ops.gather(x, ms.Tensor(rows.cpu().numpy().astype(np.int64)), 0)
+        index = ms.Tensor(rows.cpu().numpy().astype(np.int64))
+        return [ms.ops.gather(x, index, 0) for x in xs]
 
     def open_export(self, folder, manifest) -> tuple[dict, dict]:
         return dict(manifest.stages), load_graphs(folder, manifest)

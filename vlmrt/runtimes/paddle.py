@@ -120,9 +120,10 @@ class PaddleRuntime(LoweredRuntime):
     def cat_rows(self, a, b):
         return import_paddle().concat([a, b])
 
-    def take_rows(self, x, rows: torch.Tensor):
+    def take_rows(self, xs: list, rows: torch.Tensor) -> list:
         paddle = import_paddle()
-        return paddle.index_select(x, paddle.to_tensor(rows.cpu().numpy()))
+        index = paddle.to_tensor(rows.cpu().numpy())
+        return [paddle.index_select(x, index) for x in xs]
 
     def open_export(self, folder, manifest) -> tuple[dict, dict]:
         graphs = {g.stage: g.info for g in manifest.graphs}

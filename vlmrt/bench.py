@@ -43,7 +43,7 @@ from vlmrt.config import DTYPES, resolve_device
 from vlmrt.errors import VlmrtError
 from vlmrt.models import load_model
 from vlmrt.processor import Processor
-from vlmrt.runtimes import RUNTIMES
+from vlmrt.runtimes import RUNTIMES, load_frameworks
 
 HF_RUNTIMES = ("hf", "hf-compiled")  # transformers' own generate, dynamic cache / static cache (+ its auto-compile on CUDA)
 
@@ -69,6 +69,7 @@ class BenchConfig:
     quantize: str | None = None  # weight format of runtimes named without one (`eager:int8` names its own)
     quantize_vision: bool = False  # formats also cover the vision stage
     tp: int = 1  # tensor-parallel ranks of this run (vlmrt/tp; the eager runtime only)
+    one_at_a_time: bool = False  # build, measure and free each runtime in turn: one runtime's memory, not interleaved
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -202,11 +203,23 @@ def _run_bench(cfg: BenchConfig, log, tick) -> dict:
     refs, notes = reference_tokens(cfg, loaded, processor, works, log)
     max_seq = max(w.prompt_tokens for w in works.values()) + cfg.new_tokens
     max_seq = max(max_seq, probe_positions(processor))  # a compiled engine's warm-up probe fits too
+    names = list(dict.fromkeys(cfg.runtimes))
+    load_frameworks([split_label(n, default_weights(cfg))[0] for n in names])
     pool: dict = {}  # quantized copies of the model, one per format (vlmrt.quantize.loaded_for)
-    runners = {name: _make_or_error(name, cfg, loaded, max_seq, log, pool) for name in dict.fromkeys(cfg.runtimes)}
-    rows = [r for b, w in works.items() for r in sweep_batch(runners, w, cfg, processor, loaded.device,
-                                                             refs and refs[b], log, tick)]
-    rows.sort(key=lambda r: list(runners).index(r["runtime"]))  # by runtime, then batch (stable)
+
+    def sweep(runners: dict) -> list[dict]:
+        return [r for b, w in works.items() for r in sweep_batch(runners, w, cfg, processor, loaded.device,
+                                                                  refs and refs[b], log, tick)]
+
+    if cfg.one_at_a_time:
+        notes = [*notes, "runtimes measured one after another (--one-at-a-time), not interleaved"]
+        rows = []
+        for name in names:
+            rows += sweep({name: _make_or_error(name, cfg, loaded, max_seq, log, pool)})
+            _free_memory(loaded.device)  # this runtime's weights and graphs, before the next is built
+    else:
+        rows = sweep({name: _make_or_error(name, cfg, loaded, max_seq, log, pool) for name in names})
+    rows.sort(key=lambda r: names.index(r["runtime"]))  # by runtime, then batch (stable)
     add_speedups(rows)
     gb_s = bandwidth_probe() if loaded.device.type == "cpu" else None  # after the sweep, in this process
     add_bandwidth_columns(rows, gb_s)

@@ -287,6 +287,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeats", type=positive_int, default=3, help="timed runs per runtime and batch; medians reported (default 3)")
     g.add_argument("--warmup", type=non_negative_int, default=1, help="discarded runs first; compile happens here (default 1)")
     g.add_argument("--no-agreement", action="store_true", help="skip the token comparison with eager fp32")
+    g.add_argument("--one-at-a-time", action="store_true",
+                   help="build, measure and free each runtime in turn: the memory of one runtime's copy of the "
+                        "weights, not all of them (the timed runs are then not interleaved across runtimes)")
     g.add_argument("--profile", action="store_true",
                    help="profile one more pass per runtime and batch: device vs host time per decode step, "
                         "syncs, top ops, a Chrome trace per row (docs/bench.md)")
@@ -321,6 +324,7 @@ def cmd_bench(args) -> int:
         prompt_tokens=args.prompt_tokens, dtype=args.dtype, device=args.device, repeats=args.repeats,
         warmup=args.warmup, seed=args.seed, agreement=not args.no_agreement, profile=args.profile,
         quantize=args.quantize, quantize_vision=args.quantize_vision, tp=tp,
+        one_at_a_time=args.one_at_a_time,
     )
     result = run_bench(cfg, progress=not args.no_progress)
     print_notes(result["meta"]["notes"])

@@ -46,10 +46,11 @@ def build_runtimes(loaded, names: list[str], weights=None) -> dict[str, object]:
         weights: the vlmrt.quantize.WeightConfig of names without a format (None: the model's own).
     """
     from vlmrt.quantize import WeightConfig, loaded_for, parse_runtime_spec
-    from vlmrt.runtimes import runtime_class
+    from vlmrt.runtimes import load_frameworks, runtime_class
 
     if len(names) < 2:
         raise VlmrtError(f"parity needs at least two runtimes, e.g. --runtime eager,onnx; got {','.join(names) or 'none'}")
+    load_frameworks([spec.partition(":")[0] for spec in names])
     runtimes: dict[str, object] = {}
     pool: dict = {}  # one quantized copy of the model per format
     for spec in names:

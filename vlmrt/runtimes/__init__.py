@@ -33,6 +33,22 @@ def runtime_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def load_frameworks(names) -> None:
+    """Import the frameworks of the runtimes `names` in an order that lets them share one process.
+
+    MindSpore's CPU kernels link against MindSpore's own oneDNN build: once Paddle's oneDNN is in
+    the process, its plugin fails to load (`undefined symbol: dnnl_threadpool_interop_stream_create`);
+    loaded first, both work. A framework that is not installed is left for its runtime to report.
+    """
+    if "mindspore" in names and "paddle" in names:
+        from vlmrt.runtimes.mindspore import import_mindspore
+
+        try:
+            import_mindspore()
+        except VlmrtError:
+            pass
+
+
 def build_runtime(name: str, loaded, **options):
     """The runtime `name` over `loaded`: in a tensor-parallel group (`vlmrt.tp.active()`, more than
     one rank), rank 0's sharded eager or compiled runtime, whose decoder calls the other ranks replay."""

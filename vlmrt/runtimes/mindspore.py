@@ -23,6 +23,7 @@ writes back only the positions it wrote (vlmrt/runtimes/lowered.py).
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
@@ -38,11 +39,19 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "i
 
 def import_mindspore():
     """The mindspore module in graph mode on the CPU, or a VlmrtError naming the extra."""
+    before = os.environ.get("GLOG_v")
     os.environ.setdefault("GLOG_v", "3")  # MindSpore's log: errors only (its warnings go to stderr on every compile)
     try:
         import mindspore as ms
-    except ImportError:
+    except ImportError as e:
+        if "paddle" in sys.modules and "dnnl" in str(e):  # see vlmrt.runtimes.load_frameworks
+            raise VlmrtError("MindSpore cannot load after Paddle in one process (their oneDNN builds clash: "
+                             f"{e}); load mindspore first (one --runtime list does: eager,paddle,mindspore) "
+                             "or run it in its own process") from None
         raise VlmrtError(f"--runtime mindspore needs MindSpore; {EXTRA_HINT}") from None
+    finally:  # read at import; to Paddle's glog, loaded later in the process, GLOG_v=3 means verbose
+        if before is None:
+            os.environ.pop("GLOG_v", None)
     if int(np.__version__.split(".")[0]) >= 2:
         raise VlmrtError(f"MindSpore {ms.__version__} needs numpy<2 (numpy {np.__version__} is installed); "
                          f"{EXTRA_HINT}")

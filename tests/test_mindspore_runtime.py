@@ -11,6 +11,7 @@ every family.
 """
 
 import builtins
+import functools
 import importlib.util
 import json
 import os
@@ -203,6 +204,58 @@ def test_an_op_the_lowering_does_not_know_is_named():
     ep = torch.export.export(Odd(), (torch.ones(2),)).run_decompositions()
     with pytest.raises(VlmrtError, match=r"vision stage uses aten\.special_bessel_j0.*MindSpore lowering"):
         lower_program(ep, ["pixel_values"], ["image_features"], "vision", "odd")
+
+
+class _Foldable(torch.nn.Module):
+    """A linear layer, x * 1.0, permutes that compose to the identity, a same-shape expand and a
+    linear layer on a non-contiguous input (torch.export writes it as a bmm of the expanded weight)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.out = torch.nn.Linear(8, 4), torch.nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):  # x [B,T,8]
+        y = self.lin(x) * 1.0  # [B,T,4]
+        z = y.permute(2, 0, 1).permute(0, 2, 1).permute(2, 1, 0).transpose(1, 2).transpose(1, 2)  # y
+        z = z.unsqueeze(1).expand(-1, 2, -1, -1).transpose(1, 2).reshape(x.shape[0], -1, 8)[..., :4]  # [B,T,4]
+        return (self.out(z).expand(x.shape[0], -1, -1) + y,)
+
+
+@functools.cache
+def _folded():
+    from torch.export import Dim
+
+    from vlmrt.runtimes.mindspore_lower import lower_program
+
+    module = _Foldable().eval()
+    dims = ({0: Dim("batch", min=1, max=8), 1: Dim("sequence", min=1, max=64)},)
+    ep = torch.export.export(module, (torch.randn(2, 3, 8),), dynamic_shapes=dims).run_decompositions()
+    return module, lower_program(ep, ["x"], ["y"], "decoder", "foldable")
+
+
+def test_the_lowering_writes_no_kernel_where_none_is_needed():
+    """The folds of vlmrt/runtimes/mindspore_fold.py, read in the source (no MindSpore needed):
+    unfolded, the module is 8 transposes (a weight's among them), 3 broadcasts and a multiply by 1."""
+    source = _folded()[1].source
+    assert "vops.matmul_t(view, p_lin_weight)" in source and "ops.transpose(p_lin_weight" not in source
+    assert source.count("ops.transpose(") == 2  # the head transpose, the bmm's weight (a small one)
+    assert source.count("ops.broadcast_to(") == 1 and "* 1.0" not in source
+    assert "ops.reshape(x, (-1, 8))" in source  # one size-dependent dim: a constant shape
+
+
+@needs_mindspore
+def test_the_folded_graph_matches_torch_at_two_shapes(tmp_path):
+    """One dynamic-shape graph of the folded source against torch at two batch and sequence sizes."""
+    from vlmrt.runtimes.mindspore import to_ms, to_torch
+    from vlmrt.runtimes.mindspore_lower import build_cell
+
+    module, lowered = _folded()
+    cell = build_cell(lowered, tmp_path, "foldable")
+    for shape in [(2, 3, 8), (1, 5, 8)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(to_torch(cell(to_ms(x))[0]), module(x)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_missing_extra_names_it(monkeypatch):

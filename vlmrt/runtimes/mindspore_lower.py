@@ -20,12 +20,14 @@ that source and compiles it. The one place that knows how an ATen op reads in Mi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 
 from vlmrt.runtimes import aten_lower
 from vlmrt.runtimes.aten_lower import compute_dtype, dtype_name, is_tensor
+from vlmrt.runtimes.mindspore_fold import bmm, folded_into_matmul, matmul, permute, same_shape, shaped
 
 TABLE = "vlmrt/runtimes/mindspore_lower.py OPS"
 MS_DTYPES = {"bool": "ms.bool_"}  # torch dtype name -> MindSpore spelling where they differ
@@ -57,9 +59,13 @@ def _operand(w: Writer, x, dtype: torch.dtype) -> str:
     return w.cast(x, dtype) if is_tensor(x) else f"vops.scalar({w.cast(x, dtype)}, {w.dtype(dtype)})"
 
 
-def _binary(fmt: str, compare: bool = False):
-    """An elementwise op of two operands: `fmt` with {a}, {b}, operands cast to the compute dtype."""
+def _binary(fmt: str, compare: bool = False, identity=None):
+    """An elementwise op of two operands: `fmt` with {a}, {b}, operands cast to the compute dtype;
+    a itself when b is the op's `identity` number and the output is a's (x * 1.0: no kernel)."""
     def emit(w: Writer, node, a, b, alpha=1, **_):
+        if identity is not None and isinstance(b, (int, float)) and not isinstance(b, bool) and b == identity \
+                and same_shape(node, a):
+            return w.value(a)
         dtype = compute_dtype([a, b]) if compare else node.meta["val"].dtype
         left, right = w.cast(a, dtype), w.cast(b, dtype)
         if alpha != 1:
@@ -103,6 +109,8 @@ def _where(w: Writer, node, cond, a, b, **_):
 
 
 def _to_copy(w: Writer, node, x, dtype=None, **_):
+    if same_shape(node, x):  # a copy to its own dtype: x itself
+        return w.value(x)
     return f"ops.cast({w.value(x)}, {w.dtype(node.meta['val'].dtype)})"
 
 
@@ -132,8 +140,12 @@ def _any(w: Writer, node, x, dim=None, keepdim=False, **_):
     return f"ops.any(ops.cast({w.value(x)}, ms.bool_), {axis}, {keepdim!r})"
 
 
+def _mm(w: Writer, node, a, b, **_):
+    return matmul(w, a, b)
+
+
 def _addmm(w: Writer, node, bias, a, b, beta=1, alpha=1, **_):
-    mm = f"ops.matmul({w.value(a)}, {w.value(b)})"
+    mm = matmul(w, a, b)
     mm = mm if alpha == 1 else f"({mm} * {w.value(alpha)})"
     return f"({mm} + {w.value(bias)})" if beta == 1 else f"({mm} + {w.value(bias)} * {w.value(beta)})"
 
@@ -164,7 +176,7 @@ def _div_mode(w: Writer, node, a, b, rounding_mode=None, **_):
 OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a MindSpore expression
     "aten._softmax.default": _softmax,
     "aten._to_copy.default": _to_copy,
-    "aten._unsafe_view.default": _call("ops.reshape({0}, {1})"),
+    "aten._unsafe_view.default": shaped("ops.reshape"),
     "aten.abs.default": _unary("ops.abs"),
     "aten.add.Scalar": _binary("({a} + {b})"),
     "aten.add.Tensor": _binary("({a} + {b})"),
@@ -179,7 +191,7 @@ OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a MindSpor
     "aten.bitwise_and.Tensor": _logical("and"),
     "aten.bitwise_not.default": _call("ops.logical_not({0})"),
     "aten.bitwise_or.Tensor": _logical("or"),
-    "aten.bmm.default": _call("ops.matmul({0}, {1})"),
+    "aten.bmm.default": bmm,
     "aten.cat.default": _call("ops.cat({0}, {1})"),
     "aten.ceil.default": _unary("ops.ceil"),
     "aten.clamp.default": _call("ops.clamp({0}, {1}, {2})"),
@@ -195,7 +207,7 @@ OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a MindSpor
     "aten.eq.Tensor": _binary("({a} == {b})", compare=True),
     "aten.erf.default": _unary("ops.erf"),
     "aten.exp.default": _unary("ops.exp"),
-    "aten.expand.default": _call("ops.broadcast_to({0}, {1})"),
+    "aten.expand.default": shaped("ops.broadcast_to"),
     "aten.floor.default": _unary("ops.floor"),
     "aten.full.default": _full,
     "aten.full_like.default": _full_like,
@@ -218,14 +230,14 @@ OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a MindSpor
     "aten.maximum.default": _binary("ops.maximum({a}, {b})"),
     "aten.mean.dim": _reduce("ops.mean"),
     "aten.minimum.default": _binary("ops.minimum({a}, {b})"),
-    "aten.mm.default": _call("ops.matmul({0}, {1})"),
-    "aten.mul.Scalar": _binary("({a} * {b})"),
-    "aten.mul.Tensor": _binary("({a} * {b})"),
+    "aten.mm.default": _mm,
+    "aten.mul.Scalar": _binary("({a} * {b})", identity=1),
+    "aten.mul.Tensor": _binary("({a} * {b})", identity=1),
     "aten.native_layer_norm.default": _call("vops.layer_norm({0}, {1}, {2}, {3}, {4})"),
     "aten.ne.Scalar": _binary("({a} != {b})", compare=True),
     "aten.ne.Tensor": _binary("({a} != {b})", compare=True),
     "aten.neg.default": _call("(-{0})"),
-    "aten.permute.default": _call("ops.transpose({0}, {1})"),
+    "aten.permute.default": permute,
     "aten.pow.Scalar": _pow,
     "aten.pow.Tensor_Scalar": _pow,
     "aten.pow.Tensor_Tensor": _pow,
@@ -251,7 +263,7 @@ OPS = {  # aten overload -> emitter(writer, node, *args, **kwargs) -> a MindSpor
     "aten.sym_size.int": _call("{0}.shape[{1}]"),
     "aten.tanh.default": _unary("ops.tanh"),
     "aten.unsqueeze.default": _call("ops.expand_dims({0}, {1})"),
-    "aten.view.default": _call("ops.reshape({0}, {1})"),
+    "aten.view.default": shaped("ops.reshape"),
     "aten.where.self": _where,
 }
 
@@ -289,7 +301,8 @@ def lower_program(ep, input_names: list[str], output_names: list[str], stage: st
         stage: the stage, for messages and the header.
         model: the model name, for the header.
     """
-    weights, user, lines = aten_lower.lower_nodes(ep, Writer(), stage, OPS, TABLE)
+    weights, user, lines = aten_lower.lower_nodes(ep, Writer(), stage, OPS, TABLE, skip=folded_into_matmul)
+    lines = live_lines(lines)
     specs = []
     for name, node in zip(input_names, user):
         val = node.meta["val"]
@@ -297,6 +310,18 @@ def lower_program(ep, input_names: list[str], output_names: list[str], stage: st
     header = HEADER.format(stage=stage, model=model, args=", ".join(n.name for n in user))
     source = header + "".join(f"        {line}\n" for line in lines)
     return LoweredStage(source, weights, specs, list(output_names))
+
+
+def live_lines(lines: list[str]) -> list[str]:
+    """The lines the return reads, directly or not (`name = expr` lines, the last one `return (...)`):
+    the nodes a fold made unused (a permute composed away, an expand read through) are dropped."""
+    live, kept = set(re.findall(r"\w+", lines[-1])), [lines[-1]]
+    for line in reversed(lines[:-1]):
+        name, expr = line.split(" = ", 1)
+        if name in live:
+            live.update(re.findall(r"\w+", expr))
+            kept.append(line)
+    return kept[::-1]
 
 
 def build_cell(lowered: LoweredStage, folder, stem: str, dynamic: bool = True):

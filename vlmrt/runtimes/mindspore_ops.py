@@ -12,6 +12,7 @@ from __future__ import annotations
 from mindspore import ops
 
 INF, NAN = float("inf"), float("nan")  # the lowered sources' non-finite literals
+matmul_t = ops.MatMul(transpose_b=True)  # a [M,K] @ b [N,K]^T: a linear layer on its [out,in] weight, uncopied
 
 
 def scalar(value, dtype):

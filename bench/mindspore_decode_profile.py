@@ -5,12 +5,15 @@ show at their worst there).
  decode     runtime.decode at T=1 (the lock-step loop): the whole call, and inside it the decoder
             graph's own run vs the rest (inputs to MindSpore, missing inputs as zeros, logits to torch)
  kernels    the decoder source's kernel lines (calls of ops./vops.), by call (the most common ones)
+ profiler   (--profiler) MindSpore's profiler over a few decode graph runs: kernel time per run by op
+            type (the rest of a run is the runtime's own: launch, shape inference, memory)
  shapes     (--shapes) the same decoder source as Cells of fewer dynamic dims, on the decode call's own
             inputs: batch and sequence static (the cache dim dynamic), and every dim static (MindSpore
             then compiles per input shape): ms per run, compile s, logits against the dynamic graph's
 ```
 
-    python bench/mindspore_decode_profile.py [--preset slimm-tiny] [--batch 1] [--cache 64] [--steps 30] [--shapes]
+    python bench/mindspore_decode_profile.py [--preset slimm-tiny] [--batch 1] [--cache 64] [--steps 30]
+        [--shapes] [--profiler] [--jit-level O0|O1] [--dispatch-threads N]
 """
 
 from __future__ import annotations
@@ -100,6 +103,26 @@ def fewer_dynamic_dims(rt, args: tuple, steps: int) -> None:
         print(f"decoder, {label}: {run:.2f} ms per run, compile {compile_s:.1f} s, logits max |diff| {diff:.2e}")
 
 
+def profile_kernels(graph, args: tuple, runs: int = 5) -> None:
+    """Kernel ms per decoder run by op type, from MindSpore's profiler (its CPU op summary)."""
+    import csv
+    import tempfile
+
+    import mindspore as ms
+
+    with tempfile.TemporaryDirectory() as folder:
+        prof = ms.Profiler(output_path=folder)
+        for _ in range(runs):
+            graph(*args)[0].asnumpy()
+        prof.analyse()
+        with open(next(Path(folder).rglob("cpu_op_type_info_0.csv"))) as f:
+            rows = list(csv.DictReader(f))
+    per_run = {r["op_type"]: float(r["total_compute_time"]) / runs for r in rows}
+    top = sorted(per_run.items(), key=lambda kv: -kv[1])[:6]
+    print(f"decoder kernels (profiler, {runs} runs): {sum(per_run.values()):.2f} ms per run; "
+          + ", ".join(f"{k} {v:.2f}" for k, v in top))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="slimm-tiny")
@@ -107,9 +130,18 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=64, help="cache slots per row (rounded up to 128)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--shapes", action="store_true")
+    ap.add_argument("--profiler", action="store_true")
+    ap.add_argument("--jit-level", choices=["O0", "O1"], help="MindSpore's jit_level (default: its own)")
+    ap.add_argument("--dispatch-threads", type=int, help="MindSpore's runtime dispatch threads (default: its own)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from vlmrt.runtimes.mindspore import MindSporeRuntime
+    from vlmrt.runtimes.mindspore import MindSporeRuntime, import_mindspore
+
+    ms = import_mindspore()
+    if args.jit_level:
+        ms.set_context(jit_config={"jit_level": args.jit_level})
+    if args.dispatch_threads:
+        ms.runtime.dispatch_threads_num(args.dispatch_threads)
 
     t0 = time.perf_counter()
     rt = MindSporeRuntime(load_model(args.preset), threads=1)
@@ -119,6 +151,8 @@ def main() -> None:
         print(f"batch {args.batch}, cache {args.cache}: {k} {v:.2f}")
     total, common = kernel_lines(Path(rt._sources.name, "decoder.py").read_text())
     print(f"decoder source: {total} kernel lines; most common: {common}")
+    if args.profiler:
+        profile_kernels(rt.programs["decoder"], graph_args)
     if args.shapes:
         fewer_dynamic_dims(rt, graph_args, args.steps)
 

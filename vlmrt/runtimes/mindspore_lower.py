@@ -15,6 +15,9 @@ that source and compiles it. The one place that knows how an ATen op reads in Mi
 - ATen promotes dtypes implicitly and MindSpore's kernels want matching operands: every
   elementwise op casts its tensor operands to the dtype torch computed in, as the Paddle lowering does.
 - An op missing from `OPS` is a VlmrtError naming it (and the stage), at lowering time.
+- Nodes that need no kernel (same-shape views, permutes composed away, x * 1.0) or a cheaper one
+  (a linear layer's weight read with transpose_b) are folded as they are written
+  (vlmrt/runtimes/mindspore_fold.py); lines the return does not read are dropped.
 """
 
 from __future__ import annotations

@@ -19,8 +19,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import GraphInfo, Manifest, StageInfo
 

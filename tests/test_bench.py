@@ -72,6 +72,41 @@ def test_progress_is_reported(sweep):
     assert any("reference: eager fp32 greedy, batch 2" in line for line in lines)
 
 
+def test_one_at_a_time_frees_each_runtime_before_building_the_next(tmp_path, monkeypatch):
+    """--one-at-a-time: each runtime is built, measured at every batch size and freed before the next
+    one is built, so a sweep holds one runtime's weights at a time; the table keeps --runtime's order."""
+    import weakref
+
+    import vlmrt.bench as bench
+
+    built, alive_at_build = [], []
+
+    def spy(*args, **kwargs):
+        alive_at_build.append([name for name, ref in built if ref() is not None])
+        runner = make_runner(*args, **kwargs)
+        built.append((args[0], weakref.ref(runner)))
+        return runner
+
+    def fails_half_built(*args, **kwargs):  # a runtime whose constructor fails after allocating
+        half_built = torch.nn.Linear(4, 4)
+        built.append(("onnx", weakref.ref(half_built)))
+        raise VlmrtError("cannot build it here")
+
+    make_runner = bench.make_runner
+    monkeypatch.setattr(bench, "make_runner", lambda *a, **k: (fails_half_built if a[0] == "onnx" else spy)(*a, **k))
+    result = run_bench(_config(tmp_path, runtimes=("eager", "onnx", "hf"), batches=(1, 2), new_tokens=4,
+                               one_at_a_time=True), log=lambda _: None)
+    assert [(r["runtime"], r["batch"]) for r in result["rows"]] == [
+        (n, b) for n in ("eager", "onnx", "hf") for b in (1, 2)]
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in result["rows"] if r["runtime"] != "onnx")
+    assert all("cannot build it here" in r["error"] for r in result["rows"] if r["runtime"] == "onnx")
+    assert alive_at_build == [[], []]
+    assert any("one after another" in n for n in result["meta"]["notes"])
+    built.clear(), alive_at_build.clear()
+    run_bench(_config(tmp_path, runtimes=("onnx", "hf"), batches=(1,), new_tokens=2), log=lambda _: None)
+    assert alive_at_build == [[]]  # interleaved: the failed runtime's error, kept all along, holds no frames
+
+
 def test_cli_prints_a_table(tmp_path, capsys):
     code = main(["bench", "--model", "minigpt4-tiny", "--runtime", "eager,hf", "--batch", "1", "--max-new-tokens", "4",
                  "--prompt-tokens", "60", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import torch
 
 from vlmrt.engine import StepInputs
+from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import StageInfo, TensorInfo
 from vlmrt.runtimes.lowered import LoweredRuntime
 
@@ -125,3 +126,23 @@ def test_the_start_up_line_names_the_framework_and_the_graphs(capsys, monkeypatc
     rt = Loaded(SimpleNamespace(weights=None, device=torch.device("cpu"), dtype=torch.float32, export_dir=None))
     assert rt.set_to == 1 and rt.model.num_layers == L
     assert "fake runtime: torch 0.0 on the CPU, hand-written graphs" in capsys.readouterr().err
+
+
+def test_a_runtime_list_loads_mindspore_before_paddle(monkeypatch):
+    """MindSpore cannot load after Paddle in one process: a list naming both loads MindSpore first,
+    and one that lacks it still builds (its runtime reports the missing extra itself)."""
+    import vlmrt.runtimes.mindspore as msrt
+    from vlmrt.runtimes import load_frameworks
+
+    calls = []
+
+    def fake_import():
+        calls.append(1)
+        raise VlmrtError("not installed")
+
+    monkeypatch.setattr(msrt, "import_mindspore", fake_import)
+    load_frameworks(["eager", "mindspore"])
+    load_frameworks(["paddle", "onnx"])
+    assert calls == []
+    load_frameworks(["eager", "paddle", "mindspore"])  # the VlmrtError is left for the runtime
+    assert calls == [1]

@@ -285,3 +285,36 @@ def test_numpy_2_is_refused_with_the_reason(monkeypatch):
     monkeypatch.setattr(msrt.np, "__version__", "2.1.0")
     with pytest.raises(VlmrtError, match=r"needs numpy<2 \(numpy 2\.1\.0"):
         msrt.import_mindspore()
+
+
+_BESIDE_PADDLE = """
+import os, sys
+from vlmrt.errors import VlmrtError
+from vlmrt.runtimes import load_frameworks
+from vlmrt.runtimes.mindspore import import_mindspore
+if sys.argv[1] == "first":
+    load_frameworks(["eager", "paddle", "mindspore"])
+import paddle
+try:
+    import_mindspore()
+except VlmrtError as e:
+    print("error:", e)
+print("GLOG_v:", os.environ.get("GLOG_v"))
+"""
+
+
+@needs_mindspore
+@pytest.mark.skipif(importlib.util.find_spec("paddle") is None, reason="paddlepaddle is not in this environment")
+@pytest.mark.parametrize("order", ["first", "after"])
+def test_mindspore_beside_paddle_in_one_process(order):
+    """MindSpore's CPU plugin fails to load once Paddle's oneDNN is loaded: a --runtime list loads it
+    first; loaded after Paddle, the error says why and what to do. Its GLOG_v is not left for Paddle."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    env.pop("GLOG_v", None)
+    out = subprocess.run([sys.executable, "-c", _BESIDE_PADDLE, order], capture_output=True, text=True, env=env,
+                         timeout=300).stdout
+    if order == "first":
+        assert "error:" not in out, out
+    else:
+        assert "cannot load after Paddle" in out and "load mindspore first" in out, out
+    assert "GLOG_v: None" in out, out

@@ -87,3 +87,38 @@ def test_a_documented_command_parses(where, argv, capsys):
             value = getattr(args, flag, None)
             for name in [value] if isinstance(value, str) else value or []:
                 assert (ROOT / name).exists(), f"{where}: --{flag} {name} is not in the repository"
+
+
+def _help(capsys, *command) -> str:
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([*command, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def _section(text: str, title: str) -> str:
+    """The lines of one argument group in a --help text, from `title:` to the blank line after it."""
+    return text.split(f"\n{title}:\n", 1)[1].split("\n\n", 1)[0]
+
+
+@pytest.mark.parametrize("command", [["run"], ["caption"], ["serve"]])
+def test_help_lists_the_kv_budget_with_the_runtime(command, capsys):
+    assert "--kv-cache-gib GIB" in _section(_help(capsys, *command), "runtime")
+
+
+@pytest.mark.parametrize("command, samples", [(["run"], True), (["caption"], False), (["serve"], False),
+                                              (["bench"], False), (["export"], False), (["eval", "parity"], False)])
+def test_help_says_what_the_seed_seeds(command, samples, capsys):
+    seed = " ".join(_section(_help(capsys, *command), "model").split("--seed N", 1)[1].split())
+    assert seed.startswith("seed of synthetic weights and of sampling" if samples else "seed of synthetic weights (default 0)")
+
+
+def test_help_texts_say_what_the_commands_do(capsys):
+    top = " ".join(_help(capsys).split())
+    assert all(f in top for f in ("ONNX", "AOTInductor", "Paddle", "MINDIR", "StableHLO"))  # every export format
+    caption = _help(capsys, "caption")
+    assert "--temperature" not in caption and "streamed" not in caption  # caption neither samples nor streams
+    assert "--ray" in _section(caption, "ray (docs/ray.md)") and "--ray" in _section(_help(capsys, "eval", "clipscore"),
+                                                                                      "ray (docs/ray.md)")
+    serve = " ".join(_help(capsys, "serve").split())
+    assert "one image per request" not in serve and "images in any user message" in serve

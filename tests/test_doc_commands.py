@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlmrt.catalog import read_catalog
-from vlmrt.cli import build_parser
+from vlmrt.cli import COMMANDS as SUBCOMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -74,8 +74,7 @@ def problems(where: str, argv: list[str], capsys) -> list[str]:
     tiny preset or an export of one) it names an image that is not in the tree."""
     if "--help" in argv:
         rest = [a for a in argv if a != "--help"]
-        return [] if not rest or rest[0] in ("run", "models", "caption", "eval", "export", "bench", "serve") else [
-            f"{where}: no such command: {rest[0]}"]
+        return [] if not rest or rest[0] in SUBCOMMANDS else [f"{where}: no such command: {rest[0]}"]
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:

@@ -87,15 +87,24 @@ def test_one_at_a_time_frees_each_runtime_before_building_the_next(tmp_path, mon
         built.append((args[0], weakref.ref(runner)))
         return runner
 
+    def fails_half_built(*args, **kwargs):  # a runtime whose constructor fails after allocating
+        half_built = torch.nn.Linear(4, 4)
+        built.append(("onnx", weakref.ref(half_built)))
+        raise VlmrtError("cannot build it here")
+
     make_runner = bench.make_runner
-    monkeypatch.setattr(bench, "make_runner", spy)
-    result = run_bench(_config(tmp_path, runtimes=("eager", "hf"), batches=(1, 2), new_tokens=4,
+    monkeypatch.setattr(bench, "make_runner", lambda *a, **k: (fails_half_built if a[0] == "onnx" else spy)(*a, **k))
+    result = run_bench(_config(tmp_path, runtimes=("eager", "onnx", "hf"), batches=(1, 2), new_tokens=4,
                                one_at_a_time=True), log=lambda _: None)
     assert [(r["runtime"], r["batch"]) for r in result["rows"]] == [
-        (n, b) for n in ("eager", "hf") for b in (1, 2)]
-    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in result["rows"])
+        (n, b) for n in ("eager", "onnx", "hf") for b in (1, 2)]
+    assert all(r["error"] is None and r["tokens_per_s"] > 0 for r in result["rows"] if r["runtime"] != "onnx")
+    assert all("cannot build it here" in r["error"] for r in result["rows"] if r["runtime"] == "onnx")
     assert alive_at_build == [[], []]
     assert any("one after another" in n for n in result["meta"]["notes"])
+    built.clear(), alive_at_build.clear()
+    run_bench(_config(tmp_path, runtimes=("onnx", "hf"), batches=(1,), new_tokens=2), log=lambda _: None)
+    assert alive_at_build == [[]]  # interleaved: the failed runtime's error, kept all along, holds no frames
 
 
 def test_cli_prints_a_table(tmp_path, capsys):

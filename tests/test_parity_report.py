@@ -128,3 +128,21 @@ def test_unreadable_images_are_recorded_and_all_unreadable_is_an_error(tiny, tmp
     Image.new("RGB", (20, 20)).save(d / "good.png")
     report = parity_report(tiny, runtimes, d, new_tokens=2)
     assert "error" in report["images"][0] and report["overall"]["eager#2"]["images"] == 1
+
+
+def test_first_mismatch_is_relative_to_the_reference_scale():
+    """The lowerings' graph check: fp32 noise of 1e-5 on values of ~1 passes (an elementwise atol of
+    1e-5 failed it at 0.5B widths), an error of 1e-3 of the scale fails and is named, so do NaN and
+    a wrong shape."""
+    from vlmrt.eval.tensor_parity import first_mismatch
+
+    ref = torch.linspace(-2.0, 2.0, 64).reshape(4, 16)
+    noisy = ref + 1.6e-5 * torch.sign(torch.sin(torch.arange(64.0))).reshape(4, 16)
+    assert first_mismatch(["logits", "key"], [ref.clone(), noisy], [ref, ref]) is None
+    wrong = ref.clone()
+    wrong[1, 3] += 4e-3
+    assert first_mismatch(["logits", "key"], [ref, wrong], [ref, ref]).startswith("key: rel 2.0e-03")
+    nan = ref.clone()
+    nan[0, 0] = float("nan")
+    assert first_mismatch(["logits"], [nan], [ref]).startswith("logits: rel nan")
+    assert first_mismatch(["logits"], [ref[:, :8]], [ref]) == "logits: shape (4, 8) != (4, 16)"

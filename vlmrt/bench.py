@@ -23,6 +23,7 @@ Every run generates exactly `new_tokens` tokens per row (stop tokens and strings
 from __future__ import annotations
 
 import csv
+import ctypes
 import datetime
 import gc
 import json
@@ -141,7 +142,7 @@ def _make_or_error(name: str, cfg: BenchConfig, loaded, max_seq: int, log, pool:
         return make_runner(name, cfg, loaded, max_seq, pool)
     except VlmrtError as e:
         log(f"{name}: cannot run: {e}")
-        return e
+        return VlmrtError(str(e))  # the message only: the traceback's frames hold what the runtime had built
 
 
 def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> tuple[dict | None, list[str]]:
@@ -168,9 +169,21 @@ def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> t
 
 
 def _free_memory(device: torch.device) -> None:
+    """Collect what was dropped and hand the freed heap back to the OS (glibc keeps it otherwise)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _rss_mib() -> float | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
 
 
 def run_bench(cfg: BenchConfig, log=None, progress: bool = False) -> dict:
@@ -217,6 +230,8 @@ def _run_bench(cfg: BenchConfig, log, tick) -> dict:
         for name in names:
             rows += sweep({name: _make_or_error(name, cfg, loaded, max_seq, log, pool)})
             _free_memory(loaded.device)  # this runtime's weights and graphs, before the next is built
+            rss = _rss_mib()
+            log(f"{name}: done and freed" + (f"; the process holds {rss:.0f} MiB" if rss else ""))
     else:
         rows = sweep({name: _make_or_error(name, cfg, loaded, max_seq, log, pool) for name in names})
     rows.sort(key=lambda r: names.index(r["runtime"]))  # by runtime, then batch (stable)

@@ -23,19 +23,15 @@ import torch
 from vlmrt.errors import VlmrtError
 from vlmrt.export.manifest import GraphInfo, Manifest, StageInfo
 
-RTOL, ATOL = 1e-4, 1e-5  # the program against eager on the export's examples (fp32)
-
-
 def _check(static, args, expected, names, stage: str) -> None:
+    from vlmrt.eval.tensor_parity import first_mismatch
     from vlmrt.runtimes.paddle import to_paddle
 
-    got = static(*[to_paddle(a) for a in args])
-    for name, a, b in zip(names, got, expected):
-        a = torch.from_numpy(a.numpy()).to(b.dtype)
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=RTOL, atol=ATOL):
-            diff = float((a - b).abs().max()) if a.shape == b.shape else f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-            raise VlmrtError(f"the Paddle program of the {stage} stage differs from eager at {name} ({diff}); "
-                             "run the model on another runtime")
+    got = [torch.from_numpy(a.numpy()).to(b.dtype) for a, b in zip(static(*[to_paddle(a) for a in args]), expected)]
+    bad = first_mismatch(names, got, expected)  # the examples, fp32: rel 1e-4, as the parity checks
+    if bad:
+        raise VlmrtError(f"the Paddle program of the {stage} stage differs from eager at {bad}; "
+                         "run the model on another runtime")
 
 
 def lower_stages(loaded, folder: Path, progress=None) -> tuple[list[GraphInfo], dict]:

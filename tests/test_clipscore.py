@@ -211,6 +211,8 @@ def test_bad_captions_files(tmp_path, content):
     f.write_text("{not json")
     with pytest.raises(VlmrtError, match="not a JSON file"):
         read_captions(f)
+    with pytest.raises(VlmrtError, match=r"captions file not found: .*ref.json; write it with `vlmrt caption"):
+        read_captions(tmp_path / "ref.json")
 
 
 def test_clip_files_of_the_wrong_format(clip_dirs, data, tmp_path, capsys):
@@ -245,7 +247,7 @@ def test_clip_files_of_the_wrong_format(clip_dirs, data, tmp_path, capsys):
     (tmp_path / "stuff" / "weights.npz").write_bytes(b"")
     with pytest.raises(VlmrtError, match="neither a Hugging Face CLIP model"):
         load_clip(tmp_path / "stuff")
-    with pytest.raises(VlmrtError, match="CLIP model not found"):
+    with pytest.raises(VlmrtError, match="CLIP model not found: .*nowhere; give --clip a local Hugging Face CLIP folder"):
         load_clip(tmp_path / "nowhere")
 
 

@@ -27,13 +27,12 @@ from vlmrt.options import (Parser, at_least, generation_args, in_range, int_list
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     model_args(p)
-    runtime_args(p)
+    kv_cache_args(runtime_args(p))
     generation_args(p)
     weight_args(p)
-    kv_cache_args(p)
     parallel_args(p)
-    p.add_argument("--image", required=True, action="append", help="image file; repeat for a batch")
-    p.add_argument("--prompt", required=True, action="append", help="the question; one for all images or one per image")
+    p.add_argument("--image", required=True, action="append", metavar="FILE", help="image file; repeat for a batch")
+    p.add_argument("--prompt", required=True, action="append", metavar="TEXT", help="the question; one for all images or one per image")
     p.add_argument("--json", action="store_true", help="print one JSON object (answers, token ids, timings) instead of text")
 
 
@@ -154,18 +153,18 @@ def cmd_models(args) -> int:
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    model_args(p, dtypes=("fp32", "fp16"), device=False, required=False,
+    model_args(p, dtypes=("fp32", "fp16"), device=False, required=False, sampling=False,
                model_help="a preset (see `vlmrt models`) or a release folder")
     p.add_argument("old_model", nargs="?", metavar="MODEL", help=argparse.SUPPRESS)  # the old spelling: export MODEL
-    p.add_argument("--out", required=True, help="the export folder (absent or empty unless --force)")
-    p.add_argument("--opset", type=at_least(7), default=17, help="ONNX opset (default 17)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the export folder (absent or empty unless --force)")
+    p.add_argument("--opset", type=at_least(7), default=17, metavar="N", help="ONNX opset (default 17)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier export in a non-empty --out")
     p.add_argument("--format", default="onnx", choices=["onnx", "aoti", "paddle", "mindir", "stablehlo"],
                    help="onnx graphs (default), AOTInductor .pt2 packages, Paddle Inference model files, MindSpore MINDIR "
                         "graphs, or StableHLO (jax.export) artefacts per bucket")
     p.add_argument("--static-shapes", action="store_true", help="onnx: fixed shapes only, one graph per bucket (for Ascend ATC)")
-    p.add_argument("--batch", help="--static-shapes or stablehlo: batch buckets, e.g. 1,4 (default 1)")
-    p.add_argument("--seq", help="--static-shapes or stablehlo: sequence buckets, e.g. 128,512; the largest is the KV "
+    p.add_argument("--batch", metavar="B,B,...", help="--static-shapes or stablehlo: batch buckets, e.g. 1,4 (default 1)")
+    p.add_argument("--seq", metavar="T,T,...", help="--static-shapes or stablehlo: sequence buckets, e.g. 128,512; the largest is the KV "
                                  "cache (default 512)")
     weight_args(p, threads=False)
 
@@ -173,7 +172,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 def cmd_export(args) -> int:
     """Export a model's vision, embedding and decoder stages (ONNX graphs, AOTInductor packages,
     Paddle Inference model files, MINDIR graphs or StableHLO artefacts),
-    with the tokenizer and a manifest; `vlmrt run --model OUT ...` then runs it with no model code.
+    with the tokenizer and a manifest; `vlmrt run --model DIR ...` then runs it with no model code.
     fp16 is for GPU providers (ONNX Runtime's CPU kernels are fp32)."""
     from vlmrt.export import export
     from vlmrt.progress import StepBar
@@ -200,41 +199,44 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     from vlmrt.serve_options import ServeOptions
 
     d = ServeOptions()
-    model_args(p)
-    runtime_args(p)
+    model_args(p, sampling=False)  # each request seeds its own sampling
+    kv_cache_args(runtime_args(p))
     weight_args(p)
-    kv_cache_args(p)
     parallel_args(p)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=at_least(0, 65535), default=8000, help="TCP port (default 8000; 0 picks a free one)")
-    g.add_argument("--max-batch", type=positive_int, default=32,
+    g.add_argument("--host", default="127.0.0.1", metavar="HOST",
+                   help="interface to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=at_least(0, 65535), default=8000, metavar="PORT",
+                   help="TCP port (default 8000; 0 picks a free one)")
+    g.add_argument("--max-batch", type=positive_int, default=32, metavar="N",
                    help="most requests decoded together: the engine's KV slots (default 32; --kv-cache-gib may allow fewer)")
-    g.add_argument("--max-queue", type=non_negative_int, default=d.max_queue,
+    g.add_argument("--max-queue", type=non_negative_int, default=d.max_queue, metavar="N",
                    help=f"most requests waiting for a slot; more are answered 503 with Retry-After (default {d.max_queue})")
-    g.add_argument("--request-timeout", type=in_range(0.0, low_open=True), default=d.request_timeout_s,
+    g.add_argument("--request-timeout", type=in_range(0.0, low_open=True), default=d.request_timeout_s, metavar="S",
                    help=f"seconds a request may take, queue included; then it stops with a 504 (default {d.request_timeout_s:g})")
-    g.add_argument("--body-timeout", type=in_range(0.0, low_open=True), default=d.body_timeout_s,
+    g.add_argument("--body-timeout", type=in_range(0.0, low_open=True), default=d.body_timeout_s, metavar="S",
                    help=f"seconds to receive a request body; a slow or short body gets a 408 (default {d.body_timeout_s:g})")
-    g.add_argument("--max-body-mib", type=in_range(0.0, low_open=True), default=d.max_body_mib,
+    g.add_argument("--max-body-mib", type=in_range(0.0, low_open=True), default=d.max_body_mib, metavar="MIB",
                    help=f"largest request body (default {d.max_body_mib:g})")
-    g.add_argument("--api-key", default=os.environ.get("VLMRT_API_KEY", ""),
+    g.add_argument("--api-key", default=os.environ.get("VLMRT_API_KEY", ""), metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1/* (default: $VLMRT_API_KEY; none: no auth)")
     g.add_argument("--allowed-local-media-path", default="", metavar="DIR",
                    help="images may be files under DIR (file:// URLs or paths); default: data: URLs only")
     g.add_argument("--allowed-media-domains", nargs="+", default=[], metavar="HOST",
                    help="http(s) image URLs on these hosts (and their subdomains) are fetched; default: none (refused)")
     g.add_argument("--image-fetch-timeout", type=in_range(0.0, low_open=True), default=d.image_fetch_timeout_s,
+                   metavar="S",
                    help=f"seconds an image fetch may take; its size limit is --max-body-mib (default {d.image_fetch_timeout_s:g})")
-    g.add_argument("--image-cache-mib", type=in_range(0.0), default=d.image_cache_mib,
+    g.add_argument("--image-cache-mib", type=in_range(0.0), default=d.image_cache_mib, metavar="MIB",
                    help=f"vision outputs kept for images asked again (default {d.image_cache_mib:g}; 0 = off)")
 
 
 def cmd_serve(args) -> int:
     """Serve a model over HTTP: OpenAI-compatible POST /v1/chat/completions (multi-turn chats, `n`
-    choices, one image per request, in any user message, or none; "stream": true for Server-Sent
-    Events), GET /v1/models, GET /health, GET /metrics. Requests run on the engine: they join and leave the running batch at any step, and a
-    client that disconnects frees its slot. Needs the serve extra. See docs/serve.md."""
+    choices, images in any user message, up to the family's limit per request, or none; "stream": true
+    for Server-Sent Events), GET /v1/models, GET /health, GET /metrics. Requests run on the engine: they
+    join and leave the running batch at any step, and a client that disconnects frees its slot. Needs the
+    serve extra. See docs/serve.md."""
     from vlmrt.engine import EngineOptions
     from vlmrt.models import load_model
     from vlmrt.pipeline import Pipeline
@@ -272,7 +274,7 @@ def cmd_serve(args) -> int:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    model_args(p, model_help="a preset (see `vlmrt models`) or a release folder")
+    model_args(p, model_help="a preset (see `vlmrt models`) or a release folder", sampling=False)
     runtime_args(p, many=True, default="eager,compiled,hf",
                  extra_help="; also hf (transformers generate) and hf-compiled on the same weights; a vlmrt "
                             "runtime may name a weight format: eager:int8,onnx:int4-g64")
@@ -282,10 +284,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sweep")
     g.add_argument("--batch", type=int_list, default=(1, 2, 4, 8, 10), metavar="B,B,...",
                    help="comma-separated batch sizes (default 1,2,4,8,10)")
-    g.add_argument("--prompt-tokens", type=at_least(2), default=None,
+    g.add_argument("--prompt-tokens", type=at_least(2), default=None, metavar="N",
                    help="text tokens per prompt, image tokens on top (default: the chat template with a short question)")
-    g.add_argument("--repeats", type=positive_int, default=3, help="timed runs per runtime and batch; medians reported (default 3)")
-    g.add_argument("--warmup", type=non_negative_int, default=1, help="discarded runs first; compile happens here (default 1)")
+    g.add_argument("--repeats", type=positive_int, default=3, metavar="N", help="timed runs per runtime and batch; medians reported (default 3)")
+    g.add_argument("--warmup", type=non_negative_int, default=1, metavar="N", help="discarded runs first; compile happens here (default 1)")
     g.add_argument("--no-agreement", action="store_true", help="skip the token comparison with eager fp32")
     g.add_argument("--one-at-a-time", action="store_true",
                    help="build, measure and free each runtime in turn: the memory of one runtime's copy of the "
@@ -298,11 +300,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--scenario", default="batch", choices=["batch", "serve"],
                    help="batch (default): the per-batch-size table; serve: load on the engine vs one request at a "
                         "time (vlmrt/bench_serve.py, writes serve.json)")
-    s.add_argument("--requests", type=positive_int, default=64, help="serve: requests in the load (default 64)")
-    s.add_argument("--concurrency", type=positive_int, default=32, help="serve: clients sending requests (default 32)")
-    s.add_argument("--rate", type=in_range(0.0, low_open=True), default=None,
+    s.add_argument("--requests", type=positive_int, default=64, metavar="N", help="serve: requests in the load (default 64)")
+    s.add_argument("--concurrency", type=positive_int, default=32, metavar="N", help="serve: clients sending requests (default 32)")
+    s.add_argument("--rate", type=in_range(0.0, low_open=True), default=None, metavar="R",
                    help="serve: Poisson arrivals per second instead of clients")
-    p.add_argument("--out", required=True, help="folder for results.json, results.csv, results.png")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for results.json, results.csv, results.png (--scenario serve: serve.json)")
 
 
 def cmd_bench(args) -> int:
@@ -385,7 +388,7 @@ COMMANDS = {
     "models": ("list model families and presets", add_models_args, cmd_models),
     "caption": ("caption every image in a folder, resumably", add_caption_args, cmd_caption),
     "eval": ("fidelity checks: runtime parity, CLIP score", add_eval_args, cmd_eval),
-    "export": ("export a model to ONNX graphs plus a manifest", add_export_args, cmd_export),
+    "export": ("export a model's stages (ONNX, AOTInductor, Paddle, MINDIR or StableHLO) plus a manifest", add_export_args, cmd_export),
     "bench": ("time runtimes per stage and batch size, against Hugging Face generate", add_bench_args, cmd_bench),
     "serve": ("serve a model over HTTP: OpenAI-compatible chat completions on the engine", add_serve_args, cmd_serve),
 }

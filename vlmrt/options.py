@@ -9,6 +9,7 @@ one line before any work starts. Importing this module imports no torch.
 ```
  model_args      --model --dtype --device --seed       run, caption, serve, bench, eval parity, export
  runtime_args    --runtime NAME | --runtime A,B,...    run, caption, serve | bench, eval parity
+ kv_cache_args   --kv-cache-gib (in the runtime group)  run, caption, serve
  generation_args --max-new-tokens (+ sampling, beams)  run, caption, bench, eval parity
  weight_args     --quantize --quantize-vision --threads run, caption, serve, bench, eval parity (export: no --threads)
  parallel_args   --tp N | --tp N,N,... --tp-timeout    run, caption, serve | bench
@@ -117,14 +118,16 @@ def old_spelling(p, old: str, new: str, dest: str, **kwargs) -> None:
 
 # ----------------------------------------------------------------------------- shared groups
 def model_args(p, dtypes: tuple[str, ...] = DTYPE_NAMES, device: bool = True, required: bool = True,
-               model_help: str = MODEL_HELP):
-    """--model, --dtype, --device, --seed: what to load and where. Returns the group (add flags to it)."""
+               model_help: str = MODEL_HELP, sampling: bool = True):
+    """--model, --dtype, --device, --seed: what to load and where (`sampling`: the seed also seeds sampling).
+    Returns the group (add flags to it)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", required=required, help=model_help)
     g.add_argument("--dtype", default="fp32", choices=dtypes, help="weights and activations (default fp32)")
     if device:
         g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    g.add_argument("--seed", type=int, default=0, metavar="N", help="seed of synthetic weights and of sampling (default 0)")
+    g.add_argument("--seed", type=int, default=0, metavar="N",
+                   help=f"seed of synthetic weights{' and of sampling' if sampling else ''} (default 0)")
     return g
 
 
@@ -161,8 +164,8 @@ def generation_args(p, max_new_tokens: int = 64, sampling: bool = True, beams: b
                        help="> 1 discourages repeats (1.0 = off)")
     if beams:
         g.add_argument("--num-beams", type=positive_int, default=1, metavar="K",
-                       help="beam search with K beams (1 = off, default; not with --temperature > 0); "
-                            "the answer is printed once it is complete, not streamed")
+                       help="beam search with K beams (1 = off, default" + ("; not with --temperature > 0); the answer "
+                            "is printed once it is complete, not streamed" if sampling else ")"))
     return g
 
 
@@ -181,9 +184,10 @@ def weight_args(p, threads: bool = True):
     return g
 
 
-def kv_cache_args(p):
-    """--kv-cache-gib: the engine's KV pool budget (commands that generate through the engine)."""
-    p.add_argument("--kv-cache-gib", type=in_range(0.0, low_open=True), default=None, metavar="GIB",
+def kv_cache_args(g):
+    """--kv-cache-gib, into `g` (the runtime group): the engine's KV pool budget (commands that generate through
+    the engine)."""
+    g.add_argument("--kv-cache-gib", type=in_range(0.0, low_open=True), default=None, metavar="GIB",
                    help="memory for the engine's KV cache slots, in GiB (default: half the free GPU memory; on a "
                         "CPU a tenth of the RAM, at most 4)")
 

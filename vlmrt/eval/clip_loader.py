@@ -126,7 +126,8 @@ def load_clip(path: str | os.PathLike, tokenizer: str | os.PathLike | None = Non
 
     p, dev = Path(path), resolve_device(device)
     if not p.exists():
-        raise VlmrtError(f"CLIP model not found: {p}")
+        raise VlmrtError(f"CLIP model not found: {p}; give --clip a local Hugging Face CLIP folder or an open_clip "
+                         "checkpoint (open_clip_pytorch_model.bin), nothing is downloaded")
     if p.is_dir():
         if (p / "config.json").is_file() and any((p / f).is_file() for f in HF_WEIGHTS):
             return load_hf_clip(p, tokenizer, dev)

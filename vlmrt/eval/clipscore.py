@@ -35,6 +35,8 @@ _FORMATS = ('a `vlmrt caption` output, a JSON object {"image": "caption", ...} '
 
 def read_captions(path: str | os.PathLike) -> dict[str, str]:
     """image (relative path) -> caption, from any of the accepted caption formats (module docstring)."""
+    if not Path(path).is_file():
+        raise VlmrtError(f"captions file not found: {path}; write it with `vlmrt caption ... --out {path}` first")
     doc = read_json(path, "a captions file")
     if isinstance(doc, dict) and isinstance(doc.get("entries"), list):
         doc = [e for e in doc["entries"] if isinstance(e, dict) and "caption" in e]

@@ -20,30 +20,31 @@ PREFIX = "A photo depicts "  # vlmrt.eval.clipscore.PREFIX (that module imports 
 def add_caption_args(p: argparse.ArgumentParser) -> None:
     from vlmrt.eval.caption import DEFAULT_PROMPT
 
-    model_args(p)
-    runtime_args(p)
+    model_args(p, sampling=False)
+    kv_cache_args(runtime_args(p))
     generation_args(p, sampling=False, tokens_help="caption length limit")
-    kv_cache_args(p)
     weight_args(p)
     parallel_args(p)
-    p.add_argument("--images", required=True, help="folder of images (jpg, png, webp, ...)")
-    p.add_argument("--out", required=True, help="captions JSON file; rewritten after every batch, resumed if it exists")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
-    p.add_argument("--batch", type=positive_int, default=8, help="images per batch (default 8)")
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images (jpg, png, webp, ...)")
+    p.add_argument("--out", required=True, metavar="FILE", help="captions JSON file; rewritten after every batch, resumed if it exists")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, metavar="TEXT", help=f"question asked of every image (default {DEFAULT_PROMPT!r})")
+    p.add_argument("--batch", type=positive_int, default=8, metavar="N", help="images per batch (default 8)")
     p.add_argument("--recursive", action="store_true", help="also caption images in subfolders")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_ray_args(p)
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray", action="store_true",
+    g = p.add_argument_group("ray (docs/ray.md)")
+    g.add_argument("--ray", action="store_true",
                    help="run on a Ray cluster (pip install 'vlmrt[ray]'): a pool of actors, each loading the model once")
-    p.add_argument("--address", help="with --ray: the cluster (host:6379 or ray://host:10001); "
-                                     "default: RAY_ADDRESS, else a new local cluster")
-    p.add_argument("--actors", type=int, help="with --ray: actors in the pool (default 1)")
-    p.add_argument("--cpus-per-actor", type=float,
+    g.add_argument("--address", metavar="HOST:PORT", help="with --ray: the cluster (host:6379 or ray://host:10001); "
+                                                          "default: RAY_ADDRESS, else a new local cluster")
+    g.add_argument("--actors", type=int, metavar="N", help="with --ray: actors in the pool (default 1)")
+    g.add_argument("--cpus-per-actor", type=float, metavar="F",
                    help="with --ray: CPUs each actor holds, fractions allowed (default 0.5; leave some for Ray Data)")
-    p.add_argument("--gpus-per-actor", type=float, help="with --ray: GPUs each actor holds (default 0; e.g. 1 with --device cuda)")
+    g.add_argument("--gpus-per-actor", type=float, metavar="G",
+                   help="with --ray: GPUs each actor holds (default 0; e.g. 1 with --device cuda)")
 
 
 def ray_resources(args):
@@ -110,16 +111,16 @@ def _caption_on_ray(args, resources) -> int:
 
 
 def add_parity_args(p: argparse.ArgumentParser) -> None:
-    model_args(p, model_help="a preset (see `vlmrt models`) or a release folder")
+    model_args(p, model_help="a preset (see `vlmrt models`) or a release folder", sampling=False)
     runtime_args(p, many=True, extra_help="; the first is the reference, e.g. eager,onnx (at least two); each may "
                                           "name a weight format: eager,eager:int8,onnx:int4")
     generation_args(p, max_new_tokens=16, sampling=False, beams=False, tokens_help="greedy tokens per image, stop tokens off")
     weight_args(p)
-    p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--prompt", default=PARITY_PROMPT, help=f"question asked of every image (default {PARITY_PROMPT!r})")
-    p.add_argument("--min-agreement", type=in_range(0.0, 1.0), default=None,
+    p.add_argument("--images", required=True, metavar="DIR", help="folder of images")
+    p.add_argument("--prompt", default=PARITY_PROMPT, metavar="TEXT", help=f"question asked of every image (default {PARITY_PROMPT!r})")
+    p.add_argument("--min-agreement", type=in_range(0.0, 1.0), default=None, metavar="A",
                    help="exit 1 when a runtime's overall token agreement is below this (e.g. 0.99); default: report only")
-    p.add_argument("--json", help="also write the full report to this JSON file")
+    p.add_argument("--json", metavar="FILE", help="also write the full report to this JSON file")
     p.add_argument("--recursive", action="store_true", help="also use images in subfolders")
 
 
@@ -149,15 +150,15 @@ def cmd_parity(args) -> int:
 
 
 def add_clipscore_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, help="the image folder the captions were made from")
-    p.add_argument("--captions", required=True, nargs="+", help="caption files; the 2nd, 3rd ... are compared with the 1st")
-    p.add_argument("--clip", required=True,
+    p.add_argument("--images", required=True, metavar="DIR", help="the image folder the captions were made from")
+    p.add_argument("--captions", required=True, nargs="+", metavar="FILE", help="caption files; the 2nd, 3rd ... are compared with the 1st")
+    p.add_argument("--clip", required=True, metavar="PATH",
                    help="a Hugging Face CLIP folder, or an open_clip checkpoint (open_clip_pytorch_model.bin) or its folder")
-    p.add_argument("--tokenizer", help="folder with the CLIP tokenizer files (default: the --clip folder)")
-    p.add_argument("--prefix", default=PREFIX, help=f"text put before every caption (default {PREFIX!r}, as in CLIPScore)")
-    p.add_argument("--json", help="also write the full report (per-image scores) to this JSON file")
+    p.add_argument("--tokenizer", metavar="DIR", help="folder with the CLIP tokenizer files (default: the --clip folder)")
+    p.add_argument("--prefix", default=PREFIX, metavar="TEXT", help=f"text put before every caption (default {PREFIX!r}, as in CLIPScore)")
+    p.add_argument("--json", metavar="FILE", help="also write the full report (per-image scores) to this JSON file")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")  # not model_args: no --model here
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="bootstrap seed (default 0)")  # not model_args: no --model here
     add_ray_args(p)
 
 

@@ -82,6 +82,25 @@ class Writer:
         return f"{self.cast_call}({x.name}, {self.dtype(dtype)})"
 
 
+def transposed(x):
+    """The 2-D tensor `x` is the transpose of (x = permute(t, [1, 0])), else None."""
+    if isinstance(x, torch.fx.Node) and str(x.target) == "aten.permute.default" and list(x.args[1]) == [1, 0]:
+        return x.args[0]
+    return None
+
+
+def folded_into_matmul(node) -> bool:
+    """A transpose every user of which reads it as the right operand of mm/addmm: a framework whose
+    matmul reads its right operand transposed (transpose_y, transpose_b) writes those users on the
+    transpose's source, and the transpose not at all (`lower_nodes(skip=...)`), so a linear layer's
+    weight is not copied per call."""
+    if transposed(node) is None or not node.users:
+        return False
+    right = {"aten.mm.default": 1, "aten.addmm.default": 2}
+    return all(right.get(str(u.target)) is not None and u.args[right[str(u.target)]] is node
+               and node not in u.args[:right[str(u.target)]] for u in node.users)
+
+
 def compute_dtype(args) -> torch.dtype:
     """The dtype torch computes an elementwise op in, from its operands (tensors by their example value)."""
     probes = []

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from vlmrt.runtimes.aten_lower import meta
+from vlmrt.runtimes.aten_lower import meta, transposed
 
 ALIASES = {"aten.clone.default", "aten.alias.default"}  # written as the operand itself
 SHAPED = {"aten.view.default", "aten._unsafe_view.default", "aten.expand.default"}
@@ -89,13 +89,6 @@ def permute(w, node, x, dims, **_):
     return f"ops.transpose({w.value(src)}, {w.value(tuple(order))})"
 
 
-def transposed(x):
-    """The 2-D tensor `x` is the transpose of (x = permute(t, [1, 0])), else None."""
-    if _kind(x) == "aten.permute.default" and list(x.args[1]) == [1, 0]:
-        return x.args[0]
-    return None
-
-
 def matmul(w, a, b) -> str:
     """a @ b of mm/addmm; when b is a transpose (a linear layer's `permute(weight, [1, 0])`), MatMul
     reads its source with transpose_b, so the weight is not copied per call (the LM head's [V,D]
@@ -104,16 +97,6 @@ def matmul(w, a, b) -> str:
     if src is not None:
         return f"vops.matmul_t({w.value(a)}, {w.value(src)})"
     return f"ops.matmul({w.value(a)}, {w.value(b)})"
-
-
-def folded_into_matmul(node) -> bool:
-    """A transpose every user of which reads it as the right operand of mm/addmm (through
-    `matmul`): not written at all."""
-    if transposed(node) is None or not node.users:
-        return False
-    right = {"aten.mm.default": 1, "aten.addmm.default": 2}
-    return all(right.get(str(u.target)) is not None and u.args[right[str(u.target)]] is node
-               and node not in u.args[:right[str(u.target)]] for u in node.users)
 
 
 def bmm(w, node, a, b, **_):

@@ -30,7 +30,7 @@ import torch
 
 from vlmrt.runtimes import aten_lower
 from vlmrt.runtimes.aten_lower import compute_dtype, dtype_name, is_tensor
-from vlmrt.runtimes.mindspore_fold import bmm, folded_into_matmul, matmul, permute, same_shape, shaped
+from vlmrt.runtimes.mindspore_fold import bmm, matmul, permute, same_shape, shaped
 
 TABLE = "vlmrt/runtimes/mindspore_lower.py OPS"
 MS_DTYPES = {"bool": "ms.bool_"}  # torch dtype name -> MindSpore spelling where they differ
@@ -304,7 +304,7 @@ def lower_program(ep, input_names: list[str], output_names: list[str], stage: st
         stage: the stage, for messages and the header.
         model: the model name, for the header.
     """
-    weights, user, lines = aten_lower.lower_nodes(ep, Writer(), stage, OPS, TABLE, skip=folded_into_matmul)
+    weights, user, lines = aten_lower.lower_nodes(ep, Writer(), stage, OPS, TABLE, skip=aten_lower.folded_into_matmul)
     lines = live_lines(lines)
     specs = []
     for name, node in zip(input_names, user):

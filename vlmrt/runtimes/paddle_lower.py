@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmrt.runtimes import aten_lower
-from vlmrt.runtimes.aten_lower import dtype_name
+from vlmrt.runtimes.aten_lower import dtype_name, folded_into_matmul, transposed
 
 
 class Writer(aten_lower.Writer):
@@ -107,30 +107,13 @@ def _any(w: Writer, node, x, dim=None, keepdim=False, **_):
     return f"paddle.any(paddle.cast({w.value(x)}, 'bool'), axis={axis}, keepdim={keepdim!r})"
 
 
-def _transposed(x):
-    """The 2-D tensor `x` is the transpose of (x = permute(t, [1, 0])), else None."""
-    if isinstance(x, torch.fx.Node) and str(x.target) == "aten.permute.default" and list(x.args[1]) == [1, 0]:
-        return x.args[0]
-    return None
-
-
 def _matmul(w: Writer, a, b) -> str:
     """a @ b; when b is a transpose (a linear layer's `permute(weight, [1, 0])`), the matmul reads
     its source with transpose_y (BLAS transposes on the fly), so the weight is never copied."""
-    src = _transposed(b)
+    src = transposed(b)
     if src is not None:
         return f"paddle.matmul({w.value(a)}, {w.value(src)}, transpose_y=True)"
     return f"paddle.matmul({w.value(a)}, {w.value(b)})"
-
-
-def folded_into_matmul(node) -> bool:
-    """A transpose every user of which reads it as the right operand of mm/addmm (through
-    `_matmul`): it is not written at all."""
-    if _transposed(node) is None or not node.users:
-        return False
-    right = {"aten.mm.default": 1, "aten.addmm.default": 2}
-    return all(right.get(str(u.target)) is not None and u.args[right[str(u.target)]] is node
-               and node not in u.args[:right[str(u.target)]] for u in node.users)
 
 
 def _mm(w: Writer, node, a, b, **_):

@@ -23,6 +23,7 @@ every op on JAX, no jit), and `stage_modes` says so.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -146,8 +147,11 @@ class JaxRuntime:
         self.values: tuple = ()
         self.seq = self.past_len = 0
         self.pool = None
-        print(f"jax runtime: jax {self.jax.__version__} on {self.jax.devices()[0].platform}, "
-              f"{len(stages.weights)} weight tensors", file=sys.stderr)
+        platform = self.jax.devices()[0].platform
+        threads = f", XLA's CPU threads: {len(os.sched_getaffinity(0))} (the process's CPU affinity; --threads " \
+                  "does not reach XLA: pin with taskset)" if platform == "cpu" and hasattr(os, "sched_getaffinity") else ""
+        print(f"jax runtime: jax {self.jax.__version__} on {platform}{threads}, {len(stages.weights)} weight tensors",
+              file=sys.stderr)
 
     @property
     def stage_modes(self) -> dict[str, str]:

@@ -81,8 +81,12 @@ def test_one_at_a_time_frees_each_runtime_before_building_the_next(tmp_path, mon
 
     built, alive_at_build = [], []
 
+    so_far = []
+
     def spy(*args, **kwargs):
         alive_at_build.append([name for name, ref in built if ref() is not None])
+        if (tmp_path / "results.json").exists():  # written after each runtime: a later crash loses nothing
+            so_far.append(json.loads((tmp_path / "results.json").read_text()))
         runner = make_runner(*args, **kwargs)
         built.append((args[0], weakref.ref(runner)))
         return runner
@@ -102,6 +106,10 @@ def test_one_at_a_time_frees_each_runtime_before_building_the_next(tmp_path, mon
     assert all("cannot build it here" in r["error"] for r in result["rows"] if r["runtime"] == "onnx")
     assert alive_at_build == [[], []]
     assert any("one after another" in n for n in result["meta"]["notes"])
+    (before_hf,) = so_far
+    assert not before_hf["meta"]["complete"] and result["meta"]["complete"]
+    assert [(r["runtime"], r["batch"]) for r in before_hf["rows"]] == [(n, b) for n in ("eager", "onnx") for b in (1, 2)]
+    assert before_hf["rows"][0]["tokens_per_s"] == result["rows"][0]["tokens_per_s"]
     built.clear(), alive_at_build.clear()
     run_bench(_config(tmp_path, runtimes=("onnx", "hf"), batches=(1,), new_tokens=2), log=lambda _: None)
     assert alive_at_build == [[]]  # interleaved: the failed runtime's error, kept all along, holds no frames

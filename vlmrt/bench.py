@@ -232,18 +232,30 @@ def _run_bench(cfg: BenchConfig, log, tick) -> dict:
             _free_memory(loaded.device)  # this runtime's weights and graphs, before the next is built
             rss = _rss_mib()
             log(f"{name}: done and freed" + (f"; the process holds {rss:.0f} MiB" if rss else ""))
+            _write_so_far(cfg, loaded, notes, rows, names)
     else:
         rows = sweep({name: _make_or_error(name, cfg, loaded, max_seq, log, pool) for name in names})
     rows.sort(key=lambda r: names.index(r["runtime"]))  # by runtime, then batch (stable)
     add_speedups(rows)
     gb_s = bandwidth_probe() if loaded.device.type == "cpu" else None  # after the sweep, in this process
     add_bandwidth_columns(rows, gb_s)
-    result = {"meta": {**metadata(cfg, loaded, notes), "bandwidth_gb_s": gb_s}, "rows": rows}
+    result = {"meta": {**metadata(cfg, loaded, notes), "bandwidth_gb_s": gb_s, "complete": True}, "rows": rows}
     write_outputs(result, Path(cfg.out), log)
     return result
 
 
 # ----------------------------------------------------------------------------- output
+def _write_so_far(cfg: BenchConfig, loaded, notes: list[str], rows: list[dict], names: list[str]) -> None:
+    """results.json with the rows measured so far (`meta.complete` false), so a process that dies in a
+    later runtime (out of memory, killed) loses none of them; the final write replaces it."""
+    done = sorted((dict(r) for r in rows), key=lambda r: names.index(r["runtime"]))
+    add_speedups(done)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**metadata(cfg, loaded, notes), "complete": False}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": done}, indent=2, default=str))
+
+
 def metadata(cfg: BenchConfig, loaded, notes: list[str]) -> dict:
     import transformers
 

@@ -33,17 +33,7 @@ ROOT = Path(os.environ.get("VLMRT_ROOT", Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 
 from vlmrt.models import load_model  # noqa: E402
-
-
-def _ms(fn, steps: int) -> float:
-    """Median ms of `steps` calls of fn() (after two warm-up calls)."""
-    fn(), fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from vlmrt.profiling import median_ms as _ms  # noqa: E402
 
 
 def decode_split(rt, b: int, cache: int, steps: int) -> tuple[dict, tuple]:

@@ -18,6 +18,7 @@ the same way.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +33,19 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
                "aten::_local_scalar_dense")  # the last: .item() / a tensor's value read by Python
 COPY_EVENTS = ("cudaMemcpy",)  # host<->device copies (cudaMemcpy, cudaMemcpyAsync): some block
 TOP_OPS = 8
+
+
+def median_ms(fn, steps: int, warmup: int = 2) -> float:
+    """Median wall time in ms of `steps` calls of fn(), after `warmup` discarded calls (host-side
+    timing: fn must return only when its work is done, as a framework call that hands back a result)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def profile_generation(runner, batch: dict, new_tokens: int, device: torch.device,

@@ -94,7 +94,8 @@ def test_one_at_a_time_frees_each_runtime_before_building_the_next(tmp_path, mon
     def fails_half_built(*args, **kwargs):  # a runtime whose constructor fails after allocating
         half_built = torch.nn.Linear(4, 4)
         built.append(("onnx", weakref.ref(half_built)))
-        raise VlmrtError("cannot build it here")
+        raise VlmrtError("cannot build it here") if not so_far else RuntimeError("In transformed code:\n  x = f(y)\n"
+                                                                                 "InvalidArgumentError: bad index")
 
     make_runner = bench.make_runner
     monkeypatch.setattr(bench, "make_runner", lambda *a, **k: (fails_half_built if a[0] == "onnx" else spy)(*a, **k))
@@ -111,8 +112,28 @@ def test_one_at_a_time_frees_each_runtime_before_building_the_next(tmp_path, mon
     assert [(r["runtime"], r["batch"]) for r in before_hf["rows"]] == [(n, b) for n in ("eager", "onnx") for b in (1, 2)]
     assert before_hf["rows"][0]["tokens_per_s"] == result["rows"][0]["tokens_per_s"]
     built.clear(), alive_at_build.clear()
-    run_bench(_config(tmp_path, runtimes=("onnx", "hf"), batches=(1,), new_tokens=2), log=lambda _: None)
+    rows = run_bench(_config(tmp_path, runtimes=("onnx", "hf"), batches=(1,), new_tokens=2), log=lambda _: None)["rows"]
     assert alive_at_build == [[]]  # interleaved: the failed runtime's error, kept all along, holds no frames
+    assert rows[0]["error"] == "failed to build: RuntimeError: InvalidArgumentError: bad index"  # a framework's error
+    assert rows[1]["error"] is None and rows[1]["tokens_per_s"] > 0  # ends no sweep
+
+
+def test_a_framework_error_in_a_run_is_an_error_row():
+    """A runtime that fails inside its framework at run time (not a VlmrtError) gets an error row
+    naming the framework's reason; the caller's sweep goes on."""
+    from types import SimpleNamespace
+
+    from vlmrt.bench_batch import _attempt
+
+    def paddle_like():
+        raise ValueError("In transformed code:\n    out = gather_nd(x, i)\n    [operator < run_program > error]\n"
+                         "    InvalidArgumentError: index 2 >= dim 2\n")
+
+    lines = []
+    row = _attempt(paddle_like, "paddle", SimpleNamespace(prompts=["a"], prompt_tokens=9), _config("/tmp"), lines.append)
+    assert row["error"] == "failed: ValueError: InvalidArgumentError: index 2 >= dim 2" and row["tokens_per_s"] is None
+    assert lines[0].startswith("paddle batch 1: failed: ValueError: In transformed code:")
+    assert _attempt(lambda: None, "paddle", None, None, lines.append) is None
 
 
 def test_cli_prints_a_table(tmp_path, capsys):

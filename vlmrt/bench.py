@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from vlmrt.bench_batch import (COLUMNS, TIMED, VlmrtRunner, add_speedups, agreement,  # noqa: F401 (the batch table's API)
-                               build_prompt, engine_options, first_divergence, make_workload, preprocess, probe_positions,
-                               sweep_batch)
+                               build_prompt, engine_options, failure_line, first_divergence, make_workload, preprocess,
+                               probe_positions, sweep_batch)
 from vlmrt.bench_weights import add_bandwidth_columns, bandwidth_probe, split_label
 from vlmrt.config import DTYPES, resolve_device
 from vlmrt.errors import VlmrtError
@@ -143,6 +143,9 @@ def _make_or_error(name: str, cfg: BenchConfig, loaded, max_seq: int, log, pool:
     except VlmrtError as e:
         log(f"{name}: cannot run: {e}")
         return VlmrtError(str(e))  # the message only: the traceback's frames hold what the runtime had built
+    except Exception as e:  # noqa: BLE001 (a framework failing to build its graphs: a row, not the end of the sweep)
+        log(f"{name}: failed to build: {type(e).__name__}: {e}")
+        return VlmrtError(f"failed to build: {failure_line(e)}")
 
 
 def reference_tokens(cfg: BenchConfig, loaded, processor, works: dict, log) -> tuple[dict | None, list[str]]:

@@ -321,13 +321,24 @@ def _profile(name: str, entry: Timed, cfg: BenchConfig, device, log) -> dict:
 
 
 def _attempt(fn, name: str, work: Workload, cfg: BenchConfig, log) -> dict | None:
-    """None when fn ran; an error row when the runtime cannot run this batch here (VlmrtError)."""
+    """None when fn ran; an error row when the runtime cannot run this batch here (VlmrtError) or
+    failed in its framework (any other exception: the row says which, the sweep goes on)."""
     try:
         fn()
         return None
     except VlmrtError as e:
         log(f"{name} batch {len(work.prompts)}: cannot run: {e}")
         return _error_row(name, work, cfg, e)
+    except Exception as e:  # noqa: BLE001 (a framework's own error must not end the other runtimes' sweep)
+        log(f"{name} batch {len(work.prompts)}: failed: {type(e).__name__}: {e}")
+        return _error_row(name, work, cfg, VlmrtError(f"failed: {failure_line(e)}"))
+
+
+def failure_line(e: BaseException) -> str:
+    """An exception in one line for a table cell: its type and the last line of its message that
+    says something (frameworks put their own error type and reason last, after a traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().startswith("[")]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
 def _result_row(name: str, timed: Timed, cfg: BenchConfig, ref) -> dict:
